@@ -1,0 +1,1 @@
+"""Federated fine-tuning support for Flotilla (Flower-based)."""

@@ -1,0 +1,364 @@
+"""Pure aggregation and validation of LoRA adapter updates (no Flower imports).
+
+Every function works on adapter state dicts ``dict[str, np.ndarray]`` keyed the way
+PEFT names them, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``
+(``[r, in]``) and ``...q_proj.lora_B.weight`` (``[out, r]``). Keys that are not part
+of a ``lora_A``/``lora_B`` pair (``modules_to_save`` heads, biases, ...) are treated as
+plain arrays. Arithmetic is done in float64; results are returned as float32.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+_LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<side>[AB])(?P<suffix>(?:\.[^.]+)?\.weight)$")
+
+
+@dataclass
+class Update:
+    """One site's adapter state after local training in a round."""
+
+    site_id: str
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why an update was left out of aggregation."""
+
+    site_id: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def lora_pairs(keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Map each LoRA module prefix to its ``(lora_A key, lora_B key)``.
+
+    Keys that are not ``<prefix>.lora_A[.<adapter>].weight`` /
+    ``<prefix>.lora_B[.<adapter>].weight`` are ignored (the caller averages them
+    plainly). Raises ``ValueError`` for a half pair or a prefix seen twice.
+    """
+    halves: dict[tuple[str, str], dict[str, str]] = {}
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if match:
+            slot = halves.setdefault((match["prefix"], match["suffix"]), {})
+            slot[match["side"]] = key
+    pairs: dict[str, tuple[str, str]] = {}
+    for (prefix, _suffix), slot in halves.items():
+        if set(slot) != {"A", "B"}:
+            raise ValueError(f"unpaired LoRA key(s) for module {prefix!r}: {sorted(slot.values())}")
+        if prefix in pairs:
+            raise ValueError(f"module {prefix!r} has LoRA weights for several adapters")
+        pairs[prefix] = (slot["A"], slot["B"])
+    return pairs
+
+
+def _plain_keys(keys: Iterable[str], pairs: Mapping[str, tuple[str, str]]) -> list[str]:
+    """Keys that are not part of any LoRA pair, in their original order."""
+    paired = {key for pair in pairs.values() for key in pair}
+    return [key for key in keys if key not in paired]
+
+
+def _rank_axes(pairs: Mapping[str, tuple[str, str]]) -> dict[str, int]:
+    """Axis holding the LoRA rank for each paired key: 0 for A, 1 for B."""
+    axes = {a_key: 0 for a_key, _ in pairs.values()}
+    axes.update({b_key: 1 for _, b_key in pairs.values()})
+    return axes
+
+
+# --------------------------------------------------------------------- validation
+
+
+def _shape_ok(got: tuple[int, ...], want: tuple[int, ...], rank_axis: int | None) -> bool:
+    """True when shapes match, except on ``rank_axis`` (if given)."""
+    if len(got) != len(want):
+        return False
+    return all(g == w or i == rank_axis for i, (g, w) in enumerate(zip(got, want, strict=True)))
+
+
+def _structural_problem(
+    update: Update,
+    reference: Mapping[str, np.ndarray],
+    pairs: Mapping[str, tuple[str, str]],
+    allow_rank_mismatch: bool,
+) -> str | None:
+    """First problem found with keys, counts, dtypes, shapes or values, or ``None``."""
+    site, arrays = update.site_id, update.arrays
+    rank_axes = _rank_axes(pairs) if allow_rank_mismatch else {}
+    if update.num_examples <= 0:
+        return f"site {site!r}: num_examples must be positive, got {update.num_examples}"
+    missing = [key for key in reference if key not in arrays]
+    if missing:
+        return f"site {site!r}: missing key {missing[0]!r} ({len(missing)} missing)"
+    extra = [key for key in arrays if key not in reference]
+    if extra:
+        return f"site {site!r}: unexpected key {extra[0]!r} ({len(extra)} extra)"
+    for key, ref in reference.items():
+        arr = np.asarray(arrays[key])
+        if not _shape_ok(arr.shape, ref.shape, rank_axes.get(key)):
+            shapes = f"shape {arr.shape}, expected {ref.shape}"
+            return f"site {site!r}: key {key!r} has {shapes}"
+        if arr.dtype.kind != "f":
+            return f"site {site!r}: key {key!r} has non-float dtype {arr.dtype}"
+        if not np.isfinite(arr).all():
+            return f"site {site!r}: key {key!r} contains NaN or Inf"
+    for a_key, b_key in pairs.values():
+        if np.shape(arrays[a_key])[0] != np.shape(arrays[b_key])[1]:
+            return f"site {site!r}: key {a_key!r} and {b_key!r} disagree on the LoRA rank"
+    return None
+
+
+def _squared_norms(
+    arrays: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    pairs: Mapping[str, tuple[str, str]],
+    product_space: bool,
+) -> dict[str, float]:
+    """Squared L2 norm of ``arrays - reference`` per key (or per module, products)."""
+    out: dict[str, float] = {}
+    plain = _plain_keys(reference, pairs) if product_space else list(reference)
+    for key in plain:
+        diff = np.asarray(arrays[key], np.float64) - np.asarray(reference[key], np.float64)
+        out[key] = float(np.vdot(diff, diff))
+    if product_space:
+        for prefix, (a_key, b_key) in pairs.items():
+            delta = _product(arrays[b_key], arrays[a_key]) - _product(reference[b_key], reference[a_key])
+            out[prefix] = float(np.vdot(delta, delta))
+    return out
+
+
+def validate_updates(
+    updates: Sequence[Update],
+    reference: Mapping[str, np.ndarray],
+    norm_factor: float = 10.0,
+    max_norm: float | None = None,
+    allow_rank_mismatch: bool = False,
+) -> tuple[list[Update], list[Rejection]]:
+    """Split a round's updates into accepted ones and rejections.
+
+    Rejected: non-positive ``num_examples``, a repeated ``site_id``, missing or extra
+    keys vs ``reference``, wrong shapes, non-float dtypes, NaN/Inf values, and
+    outliers. The update norm is the L2 norm of ``arrays - reference`` over all keys.
+    With at least 3 structurally valid updates, one whose norm exceeds
+    ``norm_factor`` x their median norm is rejected (skipped when the median is 0);
+    ``max_norm``, when given, is an absolute cap applied to every update (it is the
+    only norm check with fewer than 3 updates).
+
+    With ``allow_rank_mismatch=True`` (heterogeneous LoRA ranks) only the rank axis of
+    ``lora_A``/``lora_B`` may differ from the reference, and the norm of each LoRA
+    module is taken on the unscaled product, ``||B A - B_ref A_ref||_F``, since
+    factors of different ranks cannot be subtracted.
+    """
+    pairs = lora_pairs(reference)
+    candidates: list[Update] = []
+    rejections: list[Rejection] = []
+    seen: set[str] = set()
+    for update in updates:
+        if update.site_id in seen:
+            rejections.append(Rejection(update.site_id, f"site {update.site_id!r}: duplicate update"))
+            continue
+        seen.add(update.site_id)
+        problem = _structural_problem(update, reference, pairs, allow_rank_mismatch)
+        if problem:
+            rejections.append(Rejection(update.site_id, problem))
+        else:
+            candidates.append(update)
+
+    parts = [_squared_norms(u.arrays, reference, pairs, allow_rank_mismatch) for u in candidates]
+    norms = [float(np.sqrt(sum(p.values()))) for p in parts]
+    limit, rule = _norm_limit(norms, norm_factor, max_norm)
+    accepted: list[Update] = []
+    for update, norm, part in zip(candidates, norms, parts, strict=True):
+        if limit is not None and norm > limit:
+            worst = max(part, key=part.__getitem__)
+            reason = (
+                f"site {update.site_id!r}: update norm {norm:.4g} exceeds {rule}"
+                f" = {limit:.4g} (largest contribution from key {worst!r})"
+            )
+            rejections.append(Rejection(update.site_id, reason))
+        else:
+            accepted.append(update)
+    return accepted, rejections
+
+
+def _norm_limit(
+    norms: Sequence[float], norm_factor: float, max_norm: float | None
+) -> tuple[float | None, str]:
+    """Norm threshold for this round and a description of the rule that set it."""
+    limit: float | None = None
+    rule = ""
+    if len(norms) >= 3:
+        median = float(np.median(norms))
+        if median > 0:
+            limit, rule = (
+                norm_factor * median,
+                f"{norm_factor:g} x median norm {median:.4g}",
+            )
+    if max_norm is not None and (limit is None or max_norm < limit):
+        limit, rule = max_norm, "max_norm"
+    return limit, rule
+
+
+# -------------------------------------------------------------------- aggregation
+
+
+def _weights(updates: Sequence[Update]) -> np.ndarray:
+    """Normalized ``num_examples`` weights (float64)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    counts = np.array([u.num_examples for u in updates], dtype=np.float64)
+    if (counts < 0).any() or counts.sum() <= 0:
+        raise ValueError(f"num_examples must be non-negative with a positive sum, got {counts}")
+    return counts / counts.sum()
+
+
+def _weighted_mean(updates: Sequence[Update], key: str, weights: np.ndarray) -> np.ndarray:
+    """Weighted mean of one key across updates, as float32."""
+    shapes = {np.shape(u.arrays[key]) for u in updates}
+    if len(shapes) != 1:
+        raise ValueError(f"key {key!r} has differing shapes across updates: {sorted(shapes)}")
+    acc = np.zeros(shapes.pop(), dtype=np.float64)
+    for update, weight in zip(updates, weights, strict=True):
+        acc += weight * np.asarray(update.arrays[key], dtype=np.float64)
+    return acc.astype(np.float32)
+
+
+def _check_same_keys(updates: Sequence[Update]) -> list[str]:
+    """The common key list (first update's order); ``ValueError`` if sites differ."""
+    keys = list(updates[0].arrays)
+    for update in updates[1:]:
+        if set(update.arrays) != set(keys):
+            raise ValueError(f"site {update.site_id!r} has a different key set")
+    return keys
+
+
+def fedavg(updates: Sequence[Update]) -> Arrays:
+    """Average every array, weighted by ``num_examples`` (FedAvg); returns float32."""
+    weights = _weights(updates)
+    return {key: _weighted_mean(updates, key, weights) for key in _check_same_keys(updates)}
+
+
+def _product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``B @ A`` in float64."""
+    return np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
+
+
+def _truncated_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-``rank`` factors ``(B, A)`` of ``b_cat @ a_cat``, split as U√S, √S Vᵀ.
+
+    When the stacked rank is below ``min(out, in)`` the SVD is taken of the small
+    core ``R_B R_Aᵀ`` from thin QRs of the factors, never forming the dense product.
+    Missing directions (rank above the product's rank) are zero-padded.
+    """
+    out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
+    if b_cat.shape[1] < min(out_dim, in_dim):
+        q_b, r_b = np.linalg.qr(b_cat)
+        q_a, r_a = np.linalg.qr(a_cat.T)
+        u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
+        u, vt = q_b @ u_core, vt_core @ q_a.T
+    else:
+        u, s, vt = np.linalg.svd(b_cat @ a_cat, full_matrices=False)
+    keep = min(rank, s.size)
+    root = np.sqrt(s[:keep])
+    b = np.zeros((out_dim, rank))
+    a = np.zeros((rank, in_dim))
+    b[:, :keep] = u[:, :keep] * root
+    a[:keep] = root[:, None] * vt[:keep]
+    return b, a
+
+
+def lora_product_average(
+    updates: Sequence[Update],
+    rank: int,
+    scales: Mapping[str, float] | None = None,
+    out_scale: float = 1.0,
+) -> Arrays:
+    """LoRA-aware aggregation: average the products ΔW_i = B_i A_i, then re-factorize.
+
+    Why: FedAvg averages A and B separately, but mean(B) @ mean(A) != mean(B @ A);
+    the cross terms B_i A_j (i != j) are noise that no site trained, and factors of
+    different ranks r_i cannot be averaged at all. Here, per module,
+
+        ΔW = Σ_i w_i · scale_i · B_i A_i / out_scale,   w_i = n_i / Σ n,
+
+    with B_i: [out, r_i], A_i: [r_i, in]. A truncated SVD ΔW ≈ U_r S_r V_rᵀ gives
+    B = U_r √S_r ([out, rank]) and A = √S_r V_rᵀ ([rank, in]), so B @ A is the best
+    rank-``rank`` approximation of ΔW (Eckart-Young), exact when ``rank`` ≥ Σ r_i.
+
+    Scaling: PEFT applies ``alpha / r`` to B A. If that factor differs between sites
+    (e.g. equal alpha, different r), pass ``scales`` {site_id: alpha_i / r_i} (every
+    site must be present; ``None`` means 1 for all) and ``out_scale`` = the server
+    adapter's alpha / rank, so that the server adapter reproduces the mean update.
+
+    Non-LoRA keys get the plain ``num_examples``-weighted mean (shapes must agree).
+    Float64 inside, float32 out. Caveat: zero-padded or zero-singular-value
+    directions have both factors zero and get no gradient in the next round.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    weights = _weights(updates)
+    keys = _check_same_keys(updates)
+    factors = _site_factors(updates, weights, scales, out_scale)
+    pairs = lora_pairs(keys)
+    result: Arrays = {}
+    for key in _plain_keys(keys, pairs):
+        result[key] = _weighted_mean(updates, key, weights)
+    for a_key, b_key in pairs.values():
+        b_cat, a_cat = _stack_pair(updates, factors, a_key, b_key)
+        b, a = _truncated_factors(b_cat, a_cat, rank)
+        result[a_key], result[b_key] = a.astype(np.float32), b.astype(np.float32)
+    return {key: result[key] for key in keys}
+
+
+def _site_factors(
+    updates: Sequence[Update],
+    weights: np.ndarray,
+    scales: Mapping[str, float] | None,
+    out_scale: float,
+) -> np.ndarray:
+    """Per-site multiplier w_i · scale_i / out_scale applied to B_i A_i."""
+    if out_scale == 0:
+        raise ValueError("out_scale must be non-zero")
+    if scales is None:
+        per_site = np.ones(len(updates))
+    else:
+        missing = [u.site_id for u in updates if u.site_id not in scales]
+        if missing:
+            raise ValueError(f"scales has no entry for site(s) {missing}")
+        per_site = np.array([scales[u.site_id] for u in updates], dtype=np.float64)
+    return weights * per_site / out_scale
+
+
+def _stack_pair(
+    updates: Sequence[Update], factors: np.ndarray, a_key: str, b_key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack [f_1 B_1 | f_2 B_2 | ...] and [A_1; A_2; ...] so their product is ΔW."""
+    b_parts, a_parts = [], []
+    for update, factor in zip(updates, factors, strict=True):
+        a = np.asarray(update.arrays[a_key], dtype=np.float64)
+        b = np.asarray(update.arrays[b_key], dtype=np.float64)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(
+                f"site {update.site_id!r}: {b_key!r} {b.shape} @ {a_key!r} {a.shape} "
+                "is not a valid LoRA product"
+            )
+        b_parts.append(factor * b)
+        a_parts.append(a)
+    if len({p.shape[0] for p in b_parts}) != 1 or len({p.shape[1] for p in a_parts}) != 1:
+        raise ValueError(f"module {a_key!r}: out/in dimensions differ across sites")
+    return np.concatenate(b_parts, axis=1), np.concatenate(a_parts, axis=0)
+
+
+def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    """Bytes on the wire for these arrays (sum of ``nbytes``)."""
+    return int(sum(np.asarray(a).nbytes for a in arrays.values()))

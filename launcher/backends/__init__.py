@@ -1,0 +1,1 @@
+"""Backends decide where training processes start and how they find each other."""

@@ -1,0 +1,102 @@
+"""Trainer callbacks: metrics.jsonl, checkpoint-and-exit on signals, gradual unfreezing, progress."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from launcher.spec import UnfreezeStage
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append every log record (loss, learning rate, eval metrics) to metrics.jsonl on rank 0."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """On SIGTERM or SIGUSR1: finish the current step, save a checkpoint, stop training.
+
+    Every rank must agree, so the flag is all-reduced at each step end when running distributed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.received: int | None = None
+        self.stopped = False
+
+    def install(self) -> None:
+        """Take over SIGTERM and SIGUSR1 for this process."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.received = signum
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._any_rank_requested():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+
+    def _any_rank_requested(self) -> bool:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if self.requested else 0.0])
+            if torch.distributed.get_backend() == "nccl":
+                flag = flag.cuda()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.requested
+
+
+class GradualUnfreeze(TrainerCallback):
+    """Parameters listed in the schedule train only from their stage's step on.
+
+    They are in the optimizer from the start; before their step they have ``requires_grad=False``,
+    so they get no gradient and AdamW leaves them (and their state) untouched.
+    """
+
+    def __init__(self, stages: list[tuple[UnfreezeStage, list[torch.nn.Parameter]]]) -> None:
+        self.stages = stages
+
+    def apply(self, step: int) -> None:
+        """Set ``requires_grad`` of every scheduled parameter for optimizer step ``step``."""
+        for stage, params in self.stages:
+            for param in params:
+                param.requires_grad_(step >= stage.step)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.apply(state.global_step)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.apply(state.global_step)

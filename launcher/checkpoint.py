@@ -1,0 +1,118 @@
+"""Checkpoints and adapters: published atomically, with a manifest of hashes, verified before use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from launcher.atomic import publish_dir, staging_dir, write_json_atomic
+from launcher.errors import CheckpointError
+
+MANIFEST = "flotilla-checkpoint.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (the manifest itself excluded)."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+            hashes[str(path.relative_to(folder))] = digest.hexdigest()
+    return hashes
+
+
+def seal_checkpoint(staged: Path, final: Path, step: int) -> None:
+    """Write the manifest into a fully written checkpoint, then publish it with one rename."""
+    write_json_atomic(staged / MANIFEST, {"step": step, "files": file_hashes(staged)})
+    if final.exists():
+        shutil.rmtree(final)
+    publish_dir(staged, final)
+
+
+def is_verified(checkpoint: Path) -> bool:
+    """True if the checkpoint has a manifest and every file still matches its hash."""
+    manifest = checkpoint / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return bool(recorded) and file_hashes(checkpoint) == recorded
+
+
+def checkpoints_by_step(root: Path) -> list[tuple[int, Path]]:
+    """Published checkpoints under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = CHECKPOINT_PATTERN.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found, reverse=True)
+
+
+def latest_verified_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that passes verification (corrupt ones are skipped)."""
+    for _, path in checkpoints_by_step(root):
+        if is_verified(path):
+            return path
+    return None
+
+
+def rotate_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints."""
+    for _, path in checkpoints_by_step(root)[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_verified(
+    save: Callable[[Path], None], expected: dict[str, torch.Tensor], weights_file: str, final: Path
+) -> None:
+    """Run ``save(folder)`` into a staging folder, check the written tensors equal ``expected``,
+    then publish the folder at ``final``. A mismatch raises :class:`CheckpointError`."""
+    staged = staging_dir(final)
+    try:
+        save(staged)
+        verify_tensors(staged / weights_file, expected)
+        write_json_atomic(staged / MANIFEST, {"files": file_hashes(staged)})
+        if final.exists():
+            shutil.rmtree(final)
+        publish_dir(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def verify_tensors(weights: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Reload ``weights`` and compare with ``expected``: same keys, non-empty, equal values."""
+    if not weights.is_file():
+        raise CheckpointError(f"save verification failed: {weights} was not written")
+    written = load_file(str(weights))
+    if not expected:
+        raise CheckpointError("save verification failed: nothing to save (no trainable tensors)")
+    missing = sorted(set(expected) - set(written))
+    if missing:
+        raise CheckpointError(f"save verification failed: {len(missing)} tensors missing, e.g. {missing[0]}")
+    for key, tensor in expected.items():
+        saved = written[key]
+        if saved.numel() == 0 or saved.shape != tensor.shape:
+            raise CheckpointError(
+                f"save verification failed: {key} saved with shape {tuple(saved.shape)}, "
+                f"expected {tuple(tensor.shape)} (an empty tensor means a partitioned parameter was "
+                "not gathered before saving)"
+            )
+        if not torch.equal(saved.to(tensor.dtype), tensor.detach().cpu()):
+            raise CheckpointError(f"save verification failed: {key} differs from the in-memory tensor")

@@ -1,0 +1,178 @@
+"""``flotilla``: validate | plan | run | submit | status | logs | cancel | eval | report.
+
+Thin: parses arguments, calls the layers below, prints. Bad input ends with a message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from launcher.errors import BAD_INPUT_EXIT_CODE, FlotillaError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    """Register a sub-command handler."""
+
+    def register(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = handler
+        return handler
+
+    return register
+
+
+@command("validate")
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.jobs import load_job
+    from launcher.spec_rules import guardrail_warnings
+
+    spec = load_job(Path(args.spec), args.overrides)
+    for warning in guardrail_warnings(spec):
+        console.print("[yellow]warning:[/]", escape(warning))
+    out.print(f"[green]ok[/] {args.spec}: job {spec.name!r}, backend {spec.resources.backend}")
+    return 0
+
+
+@command("plan")
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.jobs import load_job
+    from launcher.plan import build_plan
+    from launcher.spec_rules import guardrail_warnings
+
+    spec = load_job(Path(args.spec), args.overrides)
+    plan = build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")
+    plan.warnings = guardrail_warnings(spec)
+    out.print_json(plan.to_json())
+    return 0
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.backends.base import get_backend
+    from launcher.jobs import prepare_run, reopen_run
+
+    if args.resume:
+        prepared = reopen_run(Path(args.resume))
+        console.print(f"resuming run {prepared.run_dir}")
+    elif args.spec:
+        prepared = prepare_run(Path(args.spec), args.overrides, args.backend)
+    else:
+        raise FlotillaError("flotilla run needs a spec file (or --resume <run dir>)")
+    for warning in prepared.plan.warnings:
+        console.print("[yellow]warning:[/]", escape(warning))
+    console.print(f"run directory: {prepared.run_dir}")
+    handle = get_backend(prepared.plan.backend).launch(prepared.plan, console, wait=True)
+    if handle.exit_code == 0:
+        print_summary(prepared.run_dir)
+    else:
+        console.print(
+            f"run ended with exit code {handle.exit_code}; resume with: "
+            f"flotilla run --resume {prepared.run_dir}"
+        )
+    return handle.exit_code or 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.evaluate import evaluate_target
+
+    metrics = evaluate_target(Path(args.target), args.data, args.format, args.batch_size)
+    table = Table(title=f"{args.target} on {args.data}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    print_summary(Path(args.run_dir))
+    return 0
+
+
+def print_summary(run_dir: Path) -> None:
+    """The end-of-run summary: where things are, and metrics before and after."""
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise FlotillaError(f"{run_dir} has no summary.json (the run has not finished)")
+    summary = json.loads(summary_file.read_text())
+    table = Table(title=f"run {run_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    before, after = summary["before"], summary["after"]
+    for key in sorted(set(before) | set(after)):
+        if key.endswith(("_samples", "_steps", "epoch")) or key.startswith("epoch"):
+            continue
+        table.add_row(key, _fmt(before.get(key)), _fmt(after.get(key)))
+    out.print(table)
+    out.print(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']:.1f} s")
+    out.print(f"run directory: {run_dir}")
+    out.print(f"trained weights: {summary['artifact']}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="flotilla", description="Fine-tuning jobs from one YAML spec.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, text in (("validate", "check a job spec"), ("plan", "print the resolved plan")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec")
+        p.add_argument("overrides", nargs="*", help="key.path=value")
+
+    p = sub.add_parser("run", help="run a job and wait for it")
+    p.add_argument("spec", nargs="?")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last verified checkpoint")
+    p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
+
+    p = sub.add_parser("eval", help="task metrics of a run or adapter on a dataset")
+    p.add_argument("target", help="run directory or adapter folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--format", choices=["chat", "instruction", "text", "classification"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", help="also write the metrics to this file")
+
+    p = sub.add_parser("report", help="summary of a finished run")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flotilla`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FlotillaError as exc:
+        console.print("[red]error:[/]", escape(str(exc)))
+        return BAD_INPUT_EXIT_CODE
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The run directory every backend writes: spec, plan, manifest, metrics, checkpoints, adapter."""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.atomic import write_json_atomic
+
+TRACKED_PACKAGES = (
+    "flotilla",
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "accelerate",
+    "deepspeed",
+    "ray",
+    "flwr",
+)
+
+
+def new_run_dir(output_dir: str, name: str) -> Path:
+    """``<output_dir>/<name>/<timestamp>``, made unique if two runs start in the same second."""
+    base = Path(output_dir) / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = base / stamp
+    suffix = 1
+    while candidate.exists():
+        suffix += 1
+        candidate = base / f"{stamp}-{suffix}"
+    candidate.mkdir(parents=True)
+    return candidate.resolve()
+
+
+def write_manifest(run_dir: Path, seed: int, fingerprints: dict[str, str], extra: dict[str, Any]) -> None:
+    """manifest.json: versions, git sha, data fingerprints, seed, host and command."""
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "user": _user(),
+        "packages": package_versions(),
+        "git_sha": git_sha(),
+        "seed": seed,
+        "data_fingerprints": fingerprints,
+        **extra,
+    }
+    write_json_atomic(run_dir / "manifest.json", manifest)
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that decide a run's numbers."""
+    versions = {}
+    for package in TRACKED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_sha() -> str | None:
+    """The commit of the working directory's git checkout, if any (``+dirty`` when modified)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}+dirty" if dirty else sha
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

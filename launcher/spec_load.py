@@ -1,0 +1,205 @@
+"""Read a job spec from YAML, apply ``key.path=value`` overrides, validate, report every problem."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from launcher.errors import SpecError
+from launcher.spec import JobSpec
+from launcher.spec_rules import spec_problems
+
+Location = tuple[str | int, ...]
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load, override and validate ``path``; raise one :class:`SpecError` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"cannot read the file: {exc}"]) from None
+    data, lines = parse_yaml(text, str(path))
+    return validate_spec(data, str(path), overrides or [], lines)
+
+
+def parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[Location, int]]:
+    """Parse YAML text into a mapping plus the line number of every key path."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(source, [f"{where}invalid YAML: {reason}"]) from None
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise SpecError(source, [f"the top level must be a mapping of sections, got {kind}"])
+    lines: dict[Location, int] = {}
+    if node is not None:
+        _collect_lines(node, (), lines)
+    return data, lines
+
+
+def validate_spec(
+    data: dict[str, Any], source: str, overrides: list[str], lines: dict[Location, int] | None = None
+) -> JobSpec:
+    """Validate a mapping (after overrides) into a :class:`JobSpec`."""
+    lines = lines or {}
+    problems: list[str] = []
+    data = dict(data)
+    for override in overrides:
+        problem = apply_override(data, override)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise SpecError(source, problems)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(source, [_describe(err, lines) for err in exc.errors()]) from None
+    cross = spec_problems(spec)
+    if cross:
+        raise SpecError(source, [_with_line(key, message, lines) for key, message in cross])
+    return spec
+
+
+def apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Set ``a.b.c=value`` (value parsed as YAML) in ``data``; return a problem or None."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        return f"override {override!r}: expected key.path=value"
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    target: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        child = target.get(part) if isinstance(target, dict) else None
+        if child is None:
+            child = {}
+            target[part] = child
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            return f"override {override!r}: {where} is not a section"
+        target = child
+    target[parts[-1]] = value
+    return None
+
+
+def _with_line(key: str, message: str, lines: dict[Location, int]) -> str:
+    location: Location = tuple(
+        int(part) if part.isdigit() else part for part in re.split(r"[.\[\]]+", key) if part
+    )
+    line = _nearest_line(location, lines)
+    return f"{'line ' + str(line) + ': ' if line else ''}{key}: {message}"
+
+
+def _collect_lines(node: yaml.Node, location: Location, lines: dict[Location, int]) -> None:
+    lines[location] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = ((*location, key_node.value)) if isinstance(key_node, yaml.ScalarNode) else location
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, lines)
+            lines[key] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _collect_lines(item, (*location, index), lines)
+
+
+def _describe(error: Any, lines: dict[Location, int]) -> str:
+    location = _user_location(tuple(error["loc"]))
+    key_path = _format_location(location) or "(top level)"
+    line = _nearest_line(location, lines)
+    where = f"line {line}: " if line else ""
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(location[:-1])
+        hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"{where}{key_path}: unknown key{suggestion} (allowed: {', '.join(allowed)})"
+    if error["type"] == "missing":
+        return f"{where}{key_path}: required key is missing"
+    value = _short(error.get("input"))
+    return f"{where}{key_path}: {value} is not allowed: {error['msg']}"
+
+
+def _user_location(location: Location) -> Location:
+    """Drop pydantic's union/tag markers so paths read like the YAML."""
+    kept: list[str | int] = []
+    for part in location:
+        if isinstance(part, str) and (
+            part.startswith(("function-", "tagged-union", "json-or-python", "literal["))
+            or part in {"list[DataSource]", "str", "dict[str,any]", "int", "float", "list[str]"}
+        ):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _format_location(location: Location) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _nearest_line(location: Location, lines: dict[Location, int]) -> int | None:
+    for end in range(len(location), -1, -1):
+        if location[:end] in lines and (end or location == ()):
+            return lines[location[:end]]
+    return None
+
+
+def _allowed_keys(location: Location) -> list[str]:
+    model: type[BaseModel] | None = JobSpec
+    for part in location:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field else None
+    return sorted(model.model_fields) if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def resolve_relative_paths(spec: JobSpec, spec_file: Path) -> JobSpec:
+    """Make local data and model paths absolute (relative to the CWD, else to the spec's folder).
+
+    Workers may start in another directory (Slurm, Ray), so the plan only holds absolute paths.
+    """
+
+    def absolute(value: str) -> str:
+        if Path(value).is_absolute():
+            return value
+        for base in (Path.cwd(), spec_file.resolve().parent):
+            if (base / value).exists():
+                return str((base / value).resolve())
+        return value
+
+    for source in [*spec.data.train, *spec.data.validation]:
+        source.path = absolute(source.path)
+    spec.model.path = absolute(spec.model.path)
+    return spec

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Stop the dev cluster that up.sh started in STATE_DIR.
+#
+#   bash slurm/dev-cluster/down.sh STATE_DIR [--purge]
+#
+# 1. scancel every job of the cluster and wait (bounded) until the queue is empty;
+# 2. SIGTERM each daemon by the PID up.sh recorded in STATE_DIR/pids/ (slurmd,
+#    then slurmctld, then munged), wait, SIGKILL after a bound. A PID is only
+#    signalled if its command line still names STATE_DIR (guards against reuse);
+# 3. SIGKILL leftovers (slurmstepd, job tasks) that live in the private mount
+#    namespaces up.sh created for the daemons -- nothing else can be in them;
+# 4. with --purge, remove STATE_DIR.
+# Zombies count as dead (PID 1 here reaps orphans only every few seconds).
+#
+# Environment: FLOTILLA_SLURM_DOWN_TIMEOUT  seconds per wait  [20]
+set -uo pipefail
+
+export PATH="$PATH:/usr/sbin:/sbin"
+TIMEOUT="${FLOTILLA_SLURM_DOWN_TIMEOUT:-20}"
+
+usage() {
+    echo "usage: down.sh STATE_DIR [--purge]" >&2
+    exit 2
+}
+
+S=""
+PURGE=0
+for a in "$@"; do
+    case "$a" in
+        --purge) PURGE=1 ;;
+        -*) usage ;;
+        *) [ -z "$S" ] || usage; S="$a" ;;
+    esac
+done
+[ -n "$S" ] || usage
+if [ ! -d "$S" ]; then
+    echo "down.sh: $S does not exist; nothing to do"
+    exit 0
+fi
+S="$(cd "$S" && pwd)"
+CONF="$S/etc/slurm.conf"
+t0="$EPOCHREALTIME"
+
+# alive PID: exists and is not a zombie.
+alive() {
+    local st
+    st="$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null)" || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+# ours PID: alive and its command line names the state dir.
+ours() {
+    alive "$1" && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF "$S/"
+}
+
+pid_of() {
+    cat "$S/pids/$1.pid" 2>/dev/null || true
+}
+
+# --- 1. cancel all jobs --------------------------------------------------------------
+ctld="$(pid_of slurmctld)"
+if [ -f "$CONF" ] && [ -n "$ctld" ] && ours "$ctld"; then
+    export SLURM_CONF="$CONF"
+    jobs="$(timeout 10 squeue -h -o %i 2>/dev/null | tr '\n' ' ' || true)"
+    if [ -n "${jobs// /}" ]; then
+        echo "down.sh: cancelling jobs: $jobs"
+        # shellcheck disable=SC2086
+        timeout 10 scancel $jobs 2>/dev/null || true
+        empty=0
+        for ((i = 0; i < TIMEOUT * 10; i++)); do
+            if out="$(timeout 10 squeue -h -o %i 2>/dev/null)" && [ -z "$out" ]; then
+                empty=1
+                break
+            fi
+            sleep 0.1
+        done
+        [ "$empty" -eq 1 ] || echo "down.sh: warning: queue not empty after ${TIMEOUT}s: $(echo "$out" | tr '\n' ' ')" >&2
+    fi
+fi
+
+# --- 2. stop daemons by recorded PID ---------------------------------------------------
+# stop NAME...: SIGTERM all, wait up to TIMEOUT, then SIGKILL.
+stop() {
+    local name pid pids=() i
+    for name in "$@"; do
+        pid="$(pid_of "$name")"
+        [ -n "$pid" ] || continue
+        if ours "$pid"; then
+            kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        elif alive "$pid"; then
+            echo "down.sh: warning: pid $pid ($name) no longer runs from $S; not touching it" >&2
+        fi
+        rm -f "$S/pids/$name.pid"
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    for ((i = 0; i < TIMEOUT * 20; i++)); do
+        local left=()
+        for pid in "${pids[@]}"; do alive "$pid" && left+=("$pid"); done
+        [ "${#left[@]}" -eq 0 ] && return 0
+        pids=("${left[@]}")
+        sleep 0.05
+    done
+    echo "down.sh: warning: SIGKILL to ${pids[*]} after ${TIMEOUT}s" >&2
+    kill -KILL "${pids[@]}" 2>/dev/null || true
+}
+
+slurmds=()
+for f in "$S"/pids/slurmd-*.pid; do
+    [ -e "$f" ] && slurmds+=("$(basename "$f" .pid)")
+done
+# Keep the namespaces before the pid files go.
+namespaces="$(cat "$S"/pids/*.mntns 2>/dev/null | sort -u || true)"
+stop "${slurmds[@]}"
+stop slurmctld
+stop munged
+
+# --- 3. leftovers in our private mount namespaces ---------------------------------------
+own_ns="$(readlink /proc/self/ns/mnt)"
+init_ns="$(readlink /proc/1/ns/mnt 2>/dev/null || true)"
+swept=0
+ours_ns=""
+for ns in $namespaces; do
+    [ "$ns" != "$own_ns" ] && [ "$ns" != "$init_ns" ] && ours_ns="$ours_ns $ns"
+done
+if [ -n "$ours_ns" ]; then
+    # One pass over /proc: "PID NS" for every process, keep those in our namespaces.
+    leftovers="$(find /proc/[0-9]*/ns/mnt -maxdepth 0 -printf '%p %l\n' 2>/dev/null |
+        awk -v want="$ours_ns" 'BEGIN { n = split(want, w, " "); for (i = 1; i <= n; i++) ok[w[i]] = 1 }
+            ($2 in ok) { split($1, parts, "/"); print parts[3], $2 }')"
+    while read -r p ns; do
+        [ -n "$p" ] && alive "$p" || continue
+        echo "down.sh: killing leftover pid $p ($(cat "/proc/$p/comm" 2>/dev/null)) in $ns" >&2
+        kill -KILL "$p" 2>/dev/null && swept=$((swept + 1))
+    done <<<"$leftovers"
+fi
+rm -f "$S"/pids/*.mntns
+
+# --- 4. purge ------------------------------------------------------------------------------
+if [ "$PURGE" -eq 1 ]; then
+    if head -n 1 "$CONF" 2>/dev/null | grep -q 'Generated by slurm/dev-cluster/up.sh'; then
+        rm -rf -- "$S"
+    else
+        echo "down.sh: not purging $S: no up.sh-generated etc/slurm.conf in it" >&2
+    fi
+fi
+
+t1="$EPOCHREALTIME"
+printf 'down.sh: stopped in %ss%s\n' "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" \
+    "$([ "$swept" -gt 0 ] && echo " ($swept leftover processes killed)")"
