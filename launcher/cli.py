@@ -86,6 +86,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return handle.exit_code or 0
 
 
+@command("submit")
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.backends.base import get_backend, write_job_record
+    from launcher.jobs import prepare_run
+
+    if args.dry_run:
+        return _dry_run(args)
+    prepared = prepare_run(Path(args.spec), args.overrides, args.backend)
+    handle = get_backend(prepared.plan.backend).launch(prepared.plan, console, wait=False)
+    write_job_record(handle)
+    out.print(handle.job_id or str(prepared.run_dir))
+    console.print(f"run directory: {prepared.run_dir}")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    from launcher.backends.base import get_backend
+    from launcher.jobs import load_job
+    from launcher.plan import build_plan
+
+    spec = load_job(Path(args.spec), args.overrides)
+    if args.backend:
+        spec.resources.backend = args.backend
+    backend = get_backend(spec.resources.backend)
+    render = getattr(backend, "render", None)
+    if render is None:
+        raise FlotillaError(f"--dry-run is not supported by the {spec.resources.backend} backend")
+    out.print(render(build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")), markup=False)
+    return 0
+
+
+@command("status")
+def cmd_status(args: argparse.Namespace) -> int:
+    from launcher.backends.base import find_job
+
+    backend, job_id, run_dir = find_job(args.job, args.backend)
+    out.print(backend.status(job_id, run_dir))
+    return 0
+
+
+@command("logs")
+def cmd_logs(args: argparse.Namespace) -> int:
+    from launcher.backends.base import find_job
+
+    backend, job_id, run_dir = find_job(args.job, args.backend)
+    out.print(backend.logs(job_id, run_dir, follow=args.follow), markup=False, end="")
+    return 0
+
+
+@command("cancel")
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher.backends.base import find_job
+
+    backend, job_id, run_dir = find_job(args.job, args.backend)
+    backend.cancel(job_id, run_dir)
+    out.print(f"cancelled {job_id}")
+    return 0
+
+
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.evaluate import evaluate_target
@@ -149,6 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last verified checkpoint")
     p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
 
+    p = sub.add_parser("submit", help="submit a job to a scheduler and return its id")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
+
+    for name, text in (("status", "state of a job"), ("logs", "output of a job"), ("cancel", "stop a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", help="run directory or the backend's job id")
+        p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true")
+
+    _add_federated_commands(sub)
+
     p = sub.add_parser("eval", help="task metrics of a run or adapter on a dataset")
     p.add_argument("target", help="run directory or adapter folder")
     p.add_argument("--data", required=True)
@@ -159,6 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summary of a finished run")
     p.add_argument("run_dir")
     return parser
+
+
+def _add_federated_commands(sub: argparse._SubParsersAction) -> None:
+    """``flotilla fed ...``, defined by the federated package when it is importable."""
+    try:
+        from federated.cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub, COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

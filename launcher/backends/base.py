@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -64,3 +65,30 @@ def get_backend(name: str) -> Backend:
     except ModuleNotFoundError as exc:
         raise FlotillaError(f"backend {name!r} is not available: {exc}") from None
     return module.BACKEND
+
+
+JOB_RECORD = "job.json"
+
+
+def write_job_record(handle: RunHandle) -> None:
+    """Remember which backend and id a submitted run has, so commands can take the run dir."""
+    record = {"backend": handle.backend, "job_id": handle.job_id, **handle.details}
+    (handle.run_dir / JOB_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+
+
+def find_job(job: str, backend_name: str | None) -> tuple[Backend, str, Path | None]:
+    """Backend, job id and run directory from a run directory or a bare job id."""
+    path = Path(job)
+    if (path / JOB_RECORD).is_file():
+        record = json.loads((path / JOB_RECORD).read_text())
+        return get_backend(backend_name or record["backend"]), str(record["job_id"]), path
+    if (path / "plan.json").is_file():
+        return get_backend(backend_name or "local"), job, path
+    if backend_name is None:
+        if job.isdigit():
+            backend_name = "slurm"
+        elif job.startswith("raysubmit_"):
+            backend_name = "ray"
+        else:
+            raise FlotillaError(f"{job!r} is neither a run directory nor a known job id; pass --backend")
+    return get_backend(backend_name), job, None

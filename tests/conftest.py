@@ -1,0 +1,93 @@
+"""Shared fixtures: a quiet offline environment, a tiny Llama-shaped model, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "configs" / "data"
+
+pytest_plugins = ["tests.slurm_cluster"]
+
+QUIET_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "OMP_NUM_THREADS": "1",
+}
+os.environ.update({k: v for k, v in QUIET_ENV.items() if k != "OMP_NUM_THREADS"})
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) with SmolLM2's real tokenizer, saved as a folder."""
+    from tests.tiny_models import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[..., Path]:
+    """Write a spec mapping as YAML into the test's folder and return its path."""
+
+    def write(spec: dict[str, Any], name: str = "job.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+        return path
+
+    return write
+
+
+def flotilla(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``flotilla`` CLI in a subprocess and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def tiny_job(model: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A small causal-LM job on the shipped instruction data, for fast end-to-end tests."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 7,
+        "model": {"path": str(model)},
+        "data": {
+            "train": str(DATA / "instructions.jsonl"),
+            "validation": str(DATA / "instructions_val.jsonl"),
+            "max_length": 64,
+            "max_train_rows": 96,
+            "max_validation_rows": 16,
+        },
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {
+            "learning_rate": 1e-3,
+            "micro_batch_size": 4,
+            "max_steps": 8,
+            "logging_steps": 1,
+            "warmup_ratio": 0.1,
+        },
+        "eval": {"at_start": True},
+        "output": {"dir": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec

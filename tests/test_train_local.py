@@ -1,0 +1,111 @@
+"""End-to-end runs of the train core through the CLI on a tiny Llama: loss, saves, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from launcher.errors import REQUEUE_EXIT_CODE
+from tests.conftest import QUIET_ENV, REPO, flotilla, tiny_job
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = sorted(p for p in (root / "tiny").iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_tiny_run_learns_and_saves_a_reloadable_adapter(tiny_llama: Path, tmp_path: Path, write_spec) -> None:
+    spec = write_spec(tiny_job(tiny_llama, tmp_path, eval={"steps": 4}))
+    result = flotilla("run", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert summary["after"]["eval_perplexity"] < summary["before"]["eval_perplexity"]
+    for name in ("spec.yaml", "plan.json", "manifest.json", "data_report.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["seed"] == 7 and "torch" in manifest["packages"] and manifest["data_fingerprints"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved and len(loaded) == len(saved)
+    for name, tensor in saved.items():
+        live = loaded[name.replace(".weight", ".default.weight")]
+        assert torch.equal(live.detach(), tensor)
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_path: Path, write_spec) -> None:
+    steps = {"max_steps": 8, "save_steps": 3, "logging_steps": 1}
+    reference_spec = write_spec(tiny_job(tiny_llama, tmp_path / "ref", train=steps), "ref.yaml")
+    assert flotilla("run", str(reference_spec)).returncode == 0
+    reference = logged_losses(only_run_dir(tmp_path / "ref" / "runs"))
+
+    spec = write_spec(tiny_job(tiny_llama, tmp_path / "killed", train=steps), "killed.yaml")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(spec)],
+        cwd=REPO,
+        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = tmp_path / "killed" / "runs" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(
+        root.glob("*/checkpoints/checkpoint-3/flotilla-checkpoint.json")
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = only_run_dir(tmp_path / "killed" / "runs")
+    assert not (run_dir / "summary.json").exists()
+    resumed = flotilla("run", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = logged_losses(run_dir)
+    assert max(losses) == 8
+    for step in range(4, 9):
+        assert abs(losses[step] - reference[step]) <= 1e-6, (step, losses[step], reference[step])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    spec = write_spec(tiny_job(tiny_llama, tmp_path, train={"max_steps": 400, "save_steps": 1000}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "run", str(spec)],
+        cwd=REPO,
+        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root = tmp_path / "runs" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(root.glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == REQUEUE_EXIT_CODE
+    run_dir = only_run_dir(tmp_path / "runs")
+    checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*/flotilla-checkpoint.json"))
+    assert len(checkpoints) == 1
+    assert not (run_dir / "summary.json").exists()
