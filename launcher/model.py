@@ -107,9 +107,28 @@ def apply_peft(model: PreTrainedModel, peft_spec: PeftSpec, task: str) -> PreTra
         task_type=TaskType.SEQ_CLS if task == "sequence_classification" else TaskType.CAUSAL_LM,
     )
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except ValueError as exc:
         raise FlotillaError(f"peft.target_modules: {exc}") from None
+    if peft_spec.init_from:
+        load_adapter_weights(wrapped, Path(peft_spec.init_from))
+    return wrapped
+
+
+def load_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Start from the adapter saved in ``folder``; every saved tensor must fit the model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FlotillaError(f"peft.init_from: {weights} does not exist")
+    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise FlotillaError(
+            f"peft.init_from: {len(unexpected)} tensors do not fit the model, e.g. {unexpected[0]}"
+        )
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> int:

@@ -103,6 +103,9 @@ class PeftSpec(Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
+    init_from: str | None = Field(
+        default=None, description="a PEFT adapter folder whose weights start this run"
+    )
 
 
 class EarlyStopping(Section):
