@@ -173,7 +173,7 @@ def print_summary(run_dir: Path) -> None:
     if not summary_file.is_file():
         raise FlotillaError(f"{run_dir} has no summary.json (the run has not finished)")
     summary = json.loads(summary_file.read_text())
-    table = Table(title=f"run {run_dir}")
+    table = Table(title=f"run {run_dir.name}")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -184,8 +184,8 @@ def print_summary(run_dir: Path) -> None:
         table.add_row(key, _fmt(before.get(key)), _fmt(after.get(key)))
     out.print(table)
     out.print(f"steps: {summary['steps']}   wall time: {summary['wall_seconds']:.1f} s")
-    out.print(f"run directory: {run_dir}")
-    out.print(f"trained weights: {summary['artifact']}")
+    out.print(f"run directory: {run_dir}", soft_wrap=True)
+    out.print(f"trained weights: {summary['artifact']}", soft_wrap=True)
 
 
 def _fmt(value: float | None) -> str:

@@ -63,7 +63,7 @@ def validate_spec(
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(source, [_describe(err, lines) for err in exc.errors()]) from None
+        raise SpecError(source, [_describe(err, lines, data) for err in exc.errors()]) from None
     cross = spec_problems(spec)
     if cross:
         raise SpecError(source, [_with_line(key, message, lines) for key, message in cross])
@@ -115,12 +115,12 @@ def _collect_lines(node: yaml.Node, location: Location, lines: dict[Location, in
             _collect_lines(item, (*location, index), lines)
 
 
-def _describe(error: Any, lines: dict[Location, int]) -> str:
-    location = _user_location(tuple(error["loc"]))
+def _describe(error: Any, lines: dict[Location, int], data: Any) -> str:
+    location = _user_location(tuple(error["loc"]), data)
     key_path = _format_location(location) or "(top level)"
     line = _nearest_line(location, lines)
     where = f"line {line}: " if line else ""
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and location:
         allowed = _allowed_keys(location[:-1])
         hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
         suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
@@ -131,14 +131,22 @@ def _describe(error: Any, lines: dict[Location, int]) -> str:
     return f"{where}{key_path}: {value} is not allowed: {error['msg']}"
 
 
-def _user_location(location: Location) -> Location:
-    """Drop pydantic's union/tag markers so paths read like the YAML."""
+def _user_location(location: Location, data: Any) -> Location:
+    """Keep the parts of pydantic's error location that are real keys or indexes of the input.
+
+    The rest are pydantic's union and validator markers (``str``, ``list[DataSource]``...); a key
+    that is missing from the input (a required key) is kept when it is the last part.
+    """
     kept: list[str | int] = []
-    for part in location:
-        if isinstance(part, str) and (
-            part.startswith(("function-", "tagged-union", "json-or-python", "literal["))
-            or part in {"list[DataSource]", "str", "dict[str,any]", "int", "float", "list[str]"}
-        ):
+    current = data
+    for position, part in enumerate(location):
+        in_dict = isinstance(current, dict) and part in current
+        in_list = isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        if in_dict or in_list:
+            current = current[part]
+        elif position == len(location) - 1 and isinstance(part, str) and isinstance(current, dict):
+            current = None
+        else:
             continue
         kept.append(part)
     return tuple(kept)

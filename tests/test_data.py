@@ -1,0 +1,97 @@
+"""Data loading, checks and encoding: clear errors with file and line, the report, loss masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.data import prepare_data
+from launcher.data_format import IGNORE_INDEX, encode_row
+from launcher.data_load import read_source
+from launcher.errors import DataError
+from launcher.model import load_tokenizer
+from launcher.spec import DataSpec, FieldMap, ModelSpec
+from tests.conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelSpec(path="smollm2-135m-instruct"))
+
+
+@pytest.mark.parametrize(
+    ("name", "line", "needle"),
+    [
+        ("bad_json.jsonl", 3, "invalid JSON"),
+        ("missing_field.jsonl", 2, "missing field 'response'"),
+        ("wrong_type.jsonl", 4, "field 'response' must be a string"),
+    ],
+)
+def test_bad_rows_name_file_and_line(name: str, line: int, needle: str) -> None:
+    path = str(DATA / "bad" / name)
+    with pytest.raises(DataError) as caught:
+        read_source(path, "instruction", FieldMap(), "error")
+    assert f"{path}:{line}: {needle}" in str(caught.value)
+    skipped = read_source(path, "instruction", FieldMap(), "skip")
+    assert len(skipped.bad_rows) == 1 and len(skipped.rows) == 4
+
+
+def test_report_counts_duplicates_empty_rows_and_leakage(tmp_path: Path, tokenizer) -> None:
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    rows += [rows[0], rows[1], {"prompt": "q", "response": "  "}]
+    train.write_text("\n".join(json.dumps(r) for r in rows))
+    validation = tmp_path / "val.jsonl"
+    validation.write_text("\n".join(json.dumps(r) for r in [rows[2], {"prompt": "new", "response": "x"}]))
+    spec = DataSpec(train=[{"path": str(train)}], validation=[{"path": str(validation)}])
+    report = prepare_data(spec, tokenizer, seed=0).report
+    assert report.sources[0].duplicates_removed == 2
+    assert report.sources[0].empty_rows == 1
+    assert report.leaked_rows == 1 and report.train_rows == 10 and report.validation_rows == 2
+    assert set(report.token_length_percentiles) == {"p50", "p90", "p99", "max"}
+
+
+def test_validation_split_from_ratio_and_label_balance(tokenizer) -> None:
+    spec = DataSpec(
+        train=[{"path": str(DATA / "sentiment.jsonl")}], format="classification", validation_ratio=0.25
+    )
+    data = prepare_data(spec, tokenizer, seed=0)
+    assert data.labels == ["negative", "positive"]
+    assert len(data.validation) == 120 and len(data.train) == 360
+    assert sum(data.report.label_balance.values()) == 360
+
+
+def test_chat_loss_is_on_assistant_turns_only(tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Answer: Paris."},
+        {"role": "user", "content": "And Spain?"},
+        {"role": "assistant", "content": "Answer: Madrid."},
+    ]
+    item = encode_row({"messages": messages}, tokenizer, max_length=512)
+    learned = [t for t in item["labels"] if t != IGNORE_INDEX]
+    text = tokenizer.decode(learned)
+    assert "Answer: Paris." in text and "Answer: Madrid." in text
+    assert "Capital" not in text and "Spain" not in text and "Be brief" not in text
+    assert text.count("<|im_end|>") == 2
+
+
+def test_instruction_rows_learn_the_response_only(tokenizer) -> None:
+    item = encode_row({"prompt": "Say hi.", "response": "Answer: hi."}, tokenizer, max_length=512)
+    learned = tokenizer.decode([t for t in item["labels"] if t != IGNORE_INDEX])
+    assert learned.startswith("Answer: hi.") and "Say hi" not in learned
+
+
+def test_mixture_weights_shape_the_training_set(tokenizer) -> None:
+    spec = DataSpec(
+        train=[
+            {"path": str(DATA / "mixture_math.jsonl"), "weight": 3.0},
+            {"path": str(DATA / "mixture_capitals.jsonl"), "weight": 1.0},
+        ],
+        validation_ratio=0.0,
+    )
+    data = prepare_data(spec, tokenizer, seed=0)
+    assert len(data.train) > 200  # the smaller-weight source is oversampled until all are exhausted
