@@ -113,7 +113,12 @@ def _dry_run(args: argparse.Namespace) -> int:
     render = getattr(backend, "render", None)
     if render is None:
         raise FlotillaError(f"--dry-run is not supported by the {spec.resources.backend} backend")
-    out.print(render(build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")), markup=False)
+    out.print(
+        render(build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")),
+        markup=False,
+        emoji=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -131,7 +136,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from launcher.backends.base import find_job
 
     backend, job_id, run_dir = find_job(args.job, args.backend)
-    out.print(backend.logs(job_id, run_dir, follow=args.follow), markup=False, end="")
+    out.print(
+        backend.logs(job_id, run_dir, follow=args.follow), markup=False, emoji=False, soft_wrap=True, end=""
+    )
     return 0
 
 
@@ -149,7 +156,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.evaluate import evaluate_target
 
-    metrics = evaluate_target(Path(args.target), args.data, args.format, args.batch_size)
+    metrics = evaluate_target(Path(args.target), args.data, args.format, args.batch_size, args.generate)
     table = Table(title=f"{args.target} on {args.data}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -163,7 +170,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
+    from launcher.report import write_report
+
     print_summary(Path(args.run_dir))
+    out.print(f"report: {write_report(Path(args.run_dir))}", soft_wrap=True)
     return 0
 
 
@@ -229,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["chat", "instruction", "text", "classification"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", help="also write the metrics to this file")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="causal LM: ROUGE-L/BLEU on N generated answers"
+    )
 
     p = sub.add_parser("report", help="summary of a finished run")
     p.add_argument("run_dir")

@@ -44,9 +44,17 @@ def load_trained(spec: JobSpec, artifact: Path, labels: list[str] | None) -> Any
 
 
 def evaluate_target(
-    target: Path, data_path: str, data_format: str | None = None, batch_size: int = 8
+    target: Path,
+    data_path: str,
+    data_format: str | None = None,
+    batch_size: int = 8,
+    generate_rows: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of ``target`` on ``data_path`` (same format as training unless given)."""
+    """Metrics of ``target`` on ``data_path`` (same format as training unless given).
+
+    With ``generate_rows`` > 0 a causal LM also generates answers for that many rows and reports
+    ROUGE-L and BLEU against the references.
+    """
     spec, artifact = locate_run(target)
     summary_file = artifact.parent / "summary.json"
     labels = json.loads(summary_file.read_text()).get("labels") if summary_file.is_file() else None
@@ -82,6 +90,13 @@ def evaluate_target(
         if is_task_metric(k, v)
     }
     metrics["rows"] = len(data.train)
+    if generate_rows and not classifier:
+        from launcher.generation_metrics import generation_metrics
+
+        scores = generation_metrics(
+            model, tokenizer, data.train, spec.eval.generate_max_new_tokens, limit=generate_rows
+        )
+        metrics.update({f"eval_{k}": v for k, v in scores.items()})
     if classifier:
         metrics["majority_baseline_accuracy"] = majority_baseline(list(data.train["labels"]))
     return metrics

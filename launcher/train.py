@@ -40,6 +40,7 @@ from launcher.model import (
 )
 from launcher.plan import Plan
 from launcher.progress import RichProgress
+from launcher.report import write_report
 from launcher.rundir import write_manifest
 from launcher.spec import JobSpec
 from launcher.trainer import BatchCollator, FlotillaTrainer
@@ -104,7 +105,7 @@ def run_training(
         say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")
         return TrainOutcome(run_dir, True, trainer.state.global_step, before)
 
-    after = evaluate_all(trainer, data)
+    after = evaluate_all(trainer, data, spec)
     artifact = save_artifact(trainer, spec, run_dir, tokenizer)
     outcome = TrainOutcome(run_dir, False, trainer.state.global_step, before, after, artifact)
     if rank == 0:
@@ -119,6 +120,7 @@ def run_training(
                 "labels": data.labels,
             },
         )
+        write_report(run_dir)
     return outcome
 
 
@@ -226,11 +228,21 @@ def build_trainer(
     return trainer
 
 
-def evaluate_all(trainer: FlotillaTrainer, data: PreparedData) -> dict[str, float]:
-    """Validation metrics plus loss on a fixed probe of training rows (collective: every rank)."""
+def evaluate_all(trainer: FlotillaTrainer, data: PreparedData, spec: JobSpec) -> dict[str, float]:
+    """Validation metrics plus loss on a fixed probe of training rows (collective: every rank).
+
+    ROUGE-L and BLEU (``eval.metrics``) need generation and are computed in single-process runs.
+    """
     metrics: dict[str, float] = {}
     if data.validation is not None:
         metrics.update(trainer.evaluate(data.validation, metric_key_prefix="eval"))
+        if {"rouge", "bleu"} & set(spec.eval.metrics) and trainer.args.world_size == 1:
+            from launcher.generation_metrics import generation_metrics
+
+            scores = generation_metrics(
+                trainer.model, trainer.processing_class, data.validation, spec.eval.generate_max_new_tokens
+            )
+            metrics.update({f"eval_{k}": v for k, v in scores.items()})
     metrics.update(trainer.evaluate(data.train_probe, metric_key_prefix="train"))
     return {k: float(v) for k, v in metrics.items() if is_task_metric(k, v)}
 
@@ -244,7 +256,7 @@ def _before_metrics(
         return json.loads(path.read_text())
     if not spec.eval.at_start:
         return {}
-    before = evaluate_all(trainer, data)
+    before = evaluate_all(trainer, data, spec)
     if rank == 0:
         write_json_atomic(path, before)
     return before

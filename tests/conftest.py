@@ -64,12 +64,12 @@ def flotilla(
     )
 
 
-def tiny_job(model: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]:
+def tiny_job(model_dir: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A small causal-LM job on the shipped instruction data, for fast end-to-end tests."""
     spec: dict[str, Any] = {
         "name": "tiny",
         "seed": 7,
-        "model": {"path": str(model)},
+        "model": {"path": str(model_dir)},
         "data": {
             "train": str(DATA / "instructions.jsonl"),
             "validation": str(DATA / "instructions_val.jsonl"),
