@@ -129,6 +129,8 @@ def build_model(
 ) -> tuple[PreTrainedModel, GradualUnfreeze | None]:
     """Base model, then freezing, LoRA and gradient checkpointing as the spec asks."""
     model = load_model(spec.model, labels, tokenizer)
+    # Training needs no KV cache; without one, packed rows get a block-diagonal attention mask.
+    model.config.use_cache = False
     freeze_parameters(model, spec.model.freeze)
     model = apply_peft(model, spec.peft, spec.model.task)
     if spec.model.gradient_checkpointing:
