@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -181,15 +183,128 @@ class SlurmSpec(Section):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str = "01:00:00"
+    time: str = Field(default="01:00:00", description="time limit: MM, HH:MM:SS or D-HH:MM:SS")
     cpus_per_task: PositiveInt = 1
-    mem: str | None = None
+    mem: str | None = Field(default=None, description="memory per node: 4000 (MB), 16G, 1T")
     constraint: str | None = None
-    extra_sbatch: list[str] = Field(default_factory=list)
-    setup: list[str] = Field(default_factory=list)
-    signal_grace_seconds: PositiveInt = 120
+    extra_sbatch: list[str] = Field(default_factory=list, description="more sbatch options, one a line")
+    setup: list[str] = Field(
+        default_factory=list,
+        description="shell lines run before training (module load, activate a venv); "
+        "default: put the submitting interpreter first on PATH",
+    )
+    signal_grace_seconds: Annotated[int, Field(gt=0, le=65535)] = 120
     max_restarts: NonNegativeInt = 3
     requeue: bool = True
+
+    #: Options Flotilla writes itself, with the spec key to use instead (None: derived, not settable).
+    MANAGED_OPTIONS: ClassVar[dict[str, str | None]] = {
+        "--nodes": "resources.nodes",
+        "-N": "resources.nodes",
+        "--ntasks": None,
+        "-n": None,
+        "--ntasks-per-node": None,
+        "--output": None,
+        "-o": None,
+        "--error": None,
+        "-e": None,
+        "--chdir": None,
+        "-D": None,
+        "--signal": "slurm.signal_grace_seconds",
+        "--requeue": "slurm.requeue",
+        "--no-requeue": "slurm.requeue",
+        "--open-mode": None,
+        "--job-name": "name",
+        "-J": "name",
+        "--cpus-per-task": "slurm.cpus_per_task",
+        "-c": "slurm.cpus_per_task",
+        "--time": "slurm.time",
+        "-t": "slurm.time",
+        "--partition": "slurm.partition",
+        "-p": "slurm.partition",
+        "--account": "slurm.account",
+        "-A": "slurm.account",
+        "--qos": "slurm.qos",
+        "-q": "slurm.qos",
+        "--mem": "slurm.mem",
+        "--constraint": "slurm.constraint",
+        "-C": "slurm.constraint",
+        "--gpus-per-node": "resources.gpus_per_node",
+    }
+    _TIME: ClassVar[re.Pattern[str]] = re.compile(
+        r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+        r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$"
+    )
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_is_slurm_time(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise PydanticCustomError(
+                "slurm_time",
+                "write the time limit as a quoted string ('30' minutes, '02:00:00', '1-00:00:00'); "
+                "YAML reads an unquoted 1:30 as the number 90",
+            )
+        unlimited = isinstance(value, str) and value.upper() in ("UNLIMITED", "INFINITE")
+        if isinstance(value, str) and not unlimited and cls.time_limit_seconds(value) is None:
+            raise PydanticCustomError(
+                "slurm_time",
+                "not a Slurm time limit; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED",
+            )
+        return value
+
+    @field_validator("mem", mode="before")
+    @classmethod
+    def _mem_is_slurm_size(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return str(value)
+        if isinstance(value, str) and not re.fullmatch(r"[1-9]\d*[KMGT]?", value):
+            raise PydanticCustomError(
+                "slurm_mem", "not a Slurm memory size; use megabytes (4000) or a K/M/G/T suffix (16G)"
+            )
+        return value
+
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _single_word(cls, value: str | None) -> str | None:
+        if value is not None and (not value or re.search(r"\s", value)):
+            raise PydanticCustomError("slurm_word", "must be one non-empty word (no spaces or line breaks)")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra_options(cls, lines: list[str]) -> list[str]:
+        cleaned = []
+        for line in lines:
+            option = line.removeprefix("#SBATCH").strip()
+            short = re.match(r"-[A-Za-z]", option) and not option.startswith("--")
+            name = option[:2] if short else re.split(r"[=\s]", option, maxsplit=1)[0]
+            if "\n" in line or not option.startswith("-"):
+                raise PydanticCustomError(
+                    "slurm_option", "each line is one sbatch option such as '--exclusive' or '--gres=gpu:2'"
+                )
+            if name in cls.MANAGED_OPTIONS:
+                key = cls.MANAGED_OPTIONS[name]
+                raise PydanticCustomError(
+                    "slurm_option",
+                    "{name} is written by Flotilla; " + (f"set {key} instead" if key else "it is derived"),
+                    {"name": name},
+                )
+            cleaned.append(option)
+        return cleaned
+
+    @classmethod
+    def time_limit_seconds(cls, text: str) -> int | None:
+        """Seconds in a Slurm time limit such as ``90``, ``02:00:00`` or ``1-12``; None if unlimited/invalid."""
+        match = cls._TIME.match(text.strip())
+        if not match:
+            return None
+        part = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+        if "days" in part:
+            return part["days"] * 86400 + part["dh"] * 3600 + part.get("dm", 0) * 60 + part.get("ds", 0)
+        if "c" in part:
+            return part["a"] * 3600 + part["b"] * 60 + part["c"]
+        return part["a"] * 60 + part.get("b", 0)
 
 
 class RaySpec(Section):

@@ -18,6 +18,8 @@ def spec_problems(spec: JobSpec) -> list[tuple[str, str]]:
     problems += _precision_problems(spec)
     problems += _zero_problems(spec)
     problems += _eval_problems(spec)
+    problems += _slurm_problems(spec)
+    problems += _ray_problems(spec)
     return problems
 
 
@@ -108,14 +110,28 @@ def _zero_problems(spec: JobSpec) -> list[tuple[str, str]]:
                 "(or resources.launcher: deepspeed with the slurm/ray backends)",
             )
         )
-    if res.deepspeed_overrides and not uses_deepspeed:
-        problems.append(("resources.deepspeed_overrides", "only applies when DeepSpeed is used"))
+    if res.deepspeed_overrides and (not uses_deepspeed or zero is None):
+        problems.append(
+            ("resources.deepspeed_overrides", "only applies when DeepSpeed is used with resources.zero set")
+        )
     if zero is None:
         return problems
     if zero.offload_optimizer == "cpu" and zero.stage == 0:
         problems.append(("resources.zero.offload_optimizer", "optimizer offload needs stage >= 1"))
     if zero.offload_params == "cpu" and zero.stage != 3:
         problems.append(("resources.zero.offload_params", "parameter offload needs stage 3"))
+    if spec.model.unfreeze_schedule:
+        problems.append(
+            (
+                "model.unfreeze_schedule",
+                "gradual unfreezing is not supported under ZeRO (DeepSpeed partitions only the "
+                "parameters trainable at start); use model.freeze, or drop resources.zero",
+            )
+        )
+    if res.deepspeed_overrides and not problems:
+        from launcher.deepspeed_config import deepspeed_override_problems
+
+        problems += deepspeed_override_problems(spec)
     return problems
 
 
@@ -133,3 +149,107 @@ def _eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
             ("eval.steps", "needs validation data (data.validation or data.validation_ratio > 0)")
         )
     return problems
+
+
+def _slurm_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    slurm = spec.slurm
+    if slurm is None:
+        return []
+    limit = slurm.time_limit_seconds(slurm.time)
+    if limit is not None and slurm.signal_grace_seconds >= limit:
+        return [
+            (
+                "slurm.signal_grace_seconds",
+                f"{slurm.signal_grace_seconds} s is not shorter than slurm.time {slurm.time!r} ({limit} s): "
+                f"the checkpoint signal would come before training; use less than {limit}",
+            )
+        ]
+    return []
+
+
+def _ray_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """The ray backend places ``resources.workers`` itself; ``ray.*`` must be a usable cluster setting."""
+    res, ray = spec.resources, spec.ray
+    problems: list[tuple[str, str]] = []
+    if res.backend == "ray":
+        layout = {
+            "nodes": res.nodes > 1,
+            "processes_per_node": res.processes_per_node,
+            "gpus_per_node": res.gpus_per_node,
+        }
+        problems += [
+            (
+                f"resources.{key}",
+                "does not apply to the ray backend, which places the workers itself: "
+                "use resources.workers, cpus_per_worker and gpus_per_worker",
+            )
+            for key, set_ in layout.items()
+            if set_
+        ]
+    if ray is None:
+        return problems
+    address = ray.address
+    if address not in ("local", "auto") and not _is_ray_address(address):
+        problems.append(
+            (
+                "ray.address",
+                f"{address!r} is not a Ray address; use 'local' (a private Ray for this run), 'auto' (the "
+                "cluster this machine belongs to), 'host:6379', 'ray://host:10001' or 'http://host:8265'",
+            )
+        )
+    needed = (res.workers or 1) * res.cpus_per_worker
+    if ray.num_cpus is not None and address != "local":
+        problems.append(("ray.num_cpus", "only applies to ray.address: local (the private Ray's CPUs)"))
+    elif ray.num_cpus is not None and ray.num_cpus < needed:
+        problems.append(
+            (
+                "ray.num_cpus",
+                f"{ray.num_cpus} CPUs cannot hold resources.workers × cpus_per_worker = "
+                f"{res.workers or 1} × {res.cpus_per_worker} = {needed}",
+            )
+        )
+    return problems + _runtime_env_problems(ray.runtime_env)
+
+
+def _is_ray_address(address: str) -> bool:
+    """``host:port``, ``ray://host:port`` or ``http(s)://host[:port]``."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"tcp://{address}")
+        port = parts.port
+    except ValueError:
+        return False
+    web = parts.scheme in ("http", "https")
+    return (
+        bool(parts.hostname) and parts.scheme in ("tcp", "ray", "http", "https") and (web or port is not None)
+    )
+
+
+def _runtime_env_problems(runtime_env: dict[str, object]) -> list[tuple[str, str]]:
+    """Fields and types of ``ray.runtime_env`` as Ray checks them (skipped when Ray is not installed)."""
+    if not runtime_env:
+        return []
+    try:
+        from ray.runtime_env import RuntimeEnv
+    except ImportError:
+        return []
+    import difflib
+
+    allowed = sorted(k for k in RuntimeEnv.known_fields if not k.startswith("_"))
+    unknown = [key for key in runtime_env if key not in RuntimeEnv.known_fields]
+    if unknown:
+        return [
+            (
+                f"ray.runtime_env.{key}",
+                "not a runtime_env field"
+                + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(key, allowed, 1))
+                + f"; allowed: {', '.join(allowed)}",
+            )
+            for key in unknown
+        ]
+    try:
+        RuntimeEnv(**runtime_env)
+    except (TypeError, ValueError) as exc:
+        return [("ray.runtime_env", str(exc).splitlines()[0])]
+    return []
