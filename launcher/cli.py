@@ -10,12 +10,16 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from launcher.errors import BAD_INPUT_EXIT_CODE, FlotillaError
+
+if TYPE_CHECKING:
+    from launcher.spec import JobSpec
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -57,7 +61,65 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")
     plan.warnings = guardrail_warnings(spec)
     out.print_json(plan.to_json())
+    if args.fit and not args.gpu_memory:
+        raise FlotillaError("--fit needs --gpu-memory (e.g. --gpu-memory 80GiB)")
+    _print_memory(spec, args)
     return 0
+
+
+def _print_memory(spec: JobSpec, args: argparse.Namespace) -> None:
+    """The per-GPU memory estimate of ``spec`` and, with ``--fit``, the cheapest setup that fits."""
+    from launcher.fit import cheapest_fit, setup_for_spec, shape_for_spec, usable_bytes
+    from launcher.memory import estimate, format_bytes, parse_size
+
+    try:
+        gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
+    except ValueError as exc:
+        raise FlotillaError(f"--gpu-memory: {exc}") from None
+    shape = shape_for_spec(spec)
+    setup = setup_for_spec(spec, args.gpus)
+    mine = estimate(shape, setup)
+    table = Table(
+        title=f"memory per GPU: {setup.nodes} node(s) × {setup.gpus_per_node} GPU(s), ZeRO-{setup.stage}"
+    )
+    table.add_column("component")
+    table.add_column("estimate", justify="right")
+    for name, value in mine.rows():
+        table.add_row(name, format_bytes(value))
+    out.print(table)
+    out.print(
+        f"model: {shape.total_params:,} parameters, {shape.trainable_params:,} trainable; micro batch "
+        f"{setup.micro_batch_size} × {setup.seq_len} tokens, gradient checkpointing "
+        f"{'on' if setup.gradient_checkpointing else 'off'}, {setup.precision}"
+    )
+    if gpu_memory is None:
+        return
+    budget = usable_bytes(gpu_memory)
+    verdict = "fits" if mine.total <= budget else "does NOT fit"
+    out.print(f"this setup {verdict} in {format_bytes(budget)} usable of {args.gpu_memory} per GPU")
+    if not args.fit:
+        return
+    global_batch = spec.train.global_batch_size or spec.train.micro_batch_size * spec.world_size()
+    found = cheapest_fit(shape, setup, gpu_memory, global_batch)
+    if found is None:
+        raise FlotillaError(
+            f"nothing fits in {args.gpu_memory} per GPU on {setup.world} GPU(s), even ZeRO-3 with "
+            "parameter and optimizer offload and micro batch 1: add GPUs or shorten data.max_length"
+        )
+    overrides = found.overrides
+    if spec.resources.backend != "deepspeed":
+        overrides = ["resources.backend=deepspeed", *overrides]
+    out.print(
+        f"cheapest fit: ZeRO-{found.setup.stage}, offload "
+        f"{_offload_text(found.setup.offload_optimizer, found.setup.offload_params)}, gradient checkpointing "
+        f"{'on' if found.setup.gradient_checkpointing else 'off'}, micro batch {found.setup.micro_batch_size}: "
+        f"{format_bytes(found.estimate.total)} per GPU"
+    )
+    out.print(f"run it with: flotilla run {args.spec} {' '.join(overrides)}", markup=False)
+
+
+def _offload_text(optimizer: bool, params: bool) -> str:
+    return "optimizer + parameters" if params else ("optimizer" if optimizer else "none")
 
 
 @command("run")
@@ -211,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("spec")
         p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB: says whether the job fits")
+    p.add_argument("--gpus", type=int, help="GPUs per node (default: the spec's processes per node)")
+    p.add_argument("--fit", action="store_true", help="find the cheapest setup that fits --gpu-memory")
 
     p = sub.add_parser("run", help="run a job and wait for it")
     p.add_argument("spec", nargs="?")

@@ -39,11 +39,13 @@ from launcher.model import (
     matching_parameters,
 )
 from launcher.plan import Plan
+from launcher.preflight import preflight
 from launcher.progress import RichProgress
 from launcher.report import write_report
 from launcher.rundir import write_manifest
 from launcher.spec import JobSpec
 from launcher.trainer import BatchCollator, FlotillaTrainer
+from launcher.zero import EvaluateAtTrainBegin, consolidated_state_dict, gathered, is_zero3
 
 
 @dataclass
@@ -77,9 +79,11 @@ def run_training(
     started = time.time()
     plan = Plan.load(run_dir / "plan.json")
     spec = plan.job_spec()
-    rank, _, _ = process_rank()
+    rank, _, world = process_rank()
     console = console or Console(stderr=True)
     say = console.print if rank == 0 else (lambda *a, **k: None)
+    if world > 1:
+        say(preflight(plan.device, plan.processes_per_node))
 
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model)
@@ -97,10 +101,16 @@ def run_training(
         trainer.add_callback(callback)
     signal_callback.install()
     checkpoint = latest_verified_checkpoint(run_dir / "checkpoints")
-    before = _before_metrics(trainer, data, spec, run_dir, rank, resuming=checkpoint is not None)
+    resuming = checkpoint is not None
+    early = EvaluateAtTrainBegin(lambda: _before_metrics(trainer, data, spec, run_dir, rank, resuming))
+    if trainer.is_deepspeed_enabled:  # DeepSpeed can evaluate only once its engine exists
+        trainer.add_callback(early)
+    else:
+        early.result = early.evaluate()
     if checkpoint is not None:
         say(f"resuming from {checkpoint}")
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    before = early.result or {}
     if signal_callback.stopped:
         say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")
         return TrainOutcome(run_dir, True, trainer.state.global_step, before)
@@ -259,44 +269,61 @@ def _before_metrics(
     if not spec.eval.at_start:
         return {}
     before = evaluate_all(trainer, data, spec)
+    if trainer.args.world_size > 1 and not trainer.is_deepspeed_enabled:
+        # evaluate() marked the model as prepared (for evaluation: no DDP); unmark it, or train()
+        # would not wrap it in DDP and every rank would train alone, without gradient all-reduce.
+        trainer.model._is_accelerate_prepared = False
     if rank == 0:
         write_json_atomic(path, before)
     return before
 
 
 def save_artifact(trainer: FlotillaTrainer, spec: JobSpec, run_dir: Path, tokenizer: Any) -> Path:
-    """Save the adapter (LoRA) or the full model, verified by reloading and comparing tensors."""
+    """Save the adapter (LoRA) or the full model, verified by reloading and comparing tensors.
+
+    Under ZeRO-3 the partitioned weights are first gathered from every rank (a collective), so a
+    partitioned tensor can never be saved empty (peft#2892, DeepSpeed#7900); rank 0 writes, between
+    barriers."""
     model = trainer.model
+    zero3 = is_zero3(trainer)
+    trainer._barrier()
     if spec.peft.method == "lora":
         from peft import get_peft_model_state_dict
 
-        expected = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
         target, weights = run_dir / "adapter", "adapter_model.safetensors"
+        with gathered([p for p in model.parameters() if p.requires_grad], zero3):
+            if trainer.args.should_save:
+                expected = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+                save_verified(_saver(model, tokenizer), expected, weights, target)
     else:
-        expected = _untied_state(model)
         target, weights = run_dir / "model", "model.safetensors"
-    if trainer.args.should_save:
-
-        def save(folder: Path) -> None:
-            model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-
-        save_verified(save, expected, weights, target)
+        state = consolidated_state_dict(trainer) if zero3 else None
+        if trainer.args.should_save:
+            expected = _untied_state(state if state is not None else model.state_dict())
+            save_verified(_saver(model, tokenizer, state), expected, weights, target)
     trainer._barrier()
     return target
 
 
-def _untied_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The model's tensors with tied duplicates dropped (``save_pretrained`` writes one of each)."""
+def _saver(model: PreTrainedModel, tokenizer: Any, state: dict[str, torch.Tensor] | None = None) -> Any:
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+        tokenizer.save_pretrained(folder)
+
+    return save
+
+
+def _untied_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with tied duplicates dropped (``save_pretrained`` writes one of each)."""
     seen: set[int] = set()
-    state = {}
-    for key, tensor in model.state_dict().items():
+    untied = {}
+    for key, tensor in state.items():
         pointer = tensor.data_ptr()
         if pointer in seen:
             continue
         seen.add(pointer)
-        state[key] = tensor.detach().cpu().clone()
-    return state
+        untied[key] = tensor.detach().cpu().clone()
+    return untied
 
 
 def _write_data_report(run_dir: Path, data: PreparedData, say: Any) -> None:
