@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,10 @@ class CheckpointOnSignal(TrainerCallback):
         self.stopped = False
 
     def install(self) -> None:
-        """Take over SIGTERM and SIGUSR1 for this process."""
+        """Take over SIGTERM and SIGUSR1 for this process (from its main thread only: Ray Train runs
+        the train core in a worker thread, and there Ray owns the process's signals)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 

@@ -1,0 +1,254 @@
+"""The Ray backend on a real Ray head (127.0.0.1, 2 CPUs, its own temp dir), through the CLI.
+
+One head serves the module; each test leaves it idle. Ray start-up is slow on 2 cores, so the jobs
+are the tiny Llama for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher.backends.local import free_port
+from launcher.backends.ray import RayHead
+from launcher.errors import BAD_INPUT_EXIT_CODE
+from tests.conftest import DATA, QUIET_ENV, REPO, flotilla, tiny_job
+
+pytest.importorskip("ray.train")
+
+BAD_DATA = DATA / "bad" / "bad_json.jsonl"
+#: Rich wraps the CLI's messages at 80 columns when captured; keep each on one line.
+WIDE = {"COLUMNS": "1000"}
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    """A Ray head with the dashboard (Jobs and state APIs), stopped by PID after the module."""
+    head = RayHead.start(num_cpus=2, dashboard=True)
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return flotilla(*args, env={**WIDE, **(env or {})})
+
+
+def ray_job(model: Path, tmp_path: Path, address: str, workers: int = 2, **sections: Any) -> dict[str, Any]:
+    """The tiny job on the ray backend at ``address``."""
+    spec = tiny_job(model, tmp_path, resources={"backend": "ray", "workers": workers}, **sections)
+    spec["ray"] = {"address": address, "max_failures": 2, **spec.get("ray", {})}
+    return spec
+
+
+def only_run_dir(root: Path) -> Path:
+    runs = sorted(p for p in (root / "tiny").iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_workers_learn_and_save_a_verified_adapter(
+    ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    spec = write_spec(ray_job(tiny_llama, tmp_path, ray_head.address, train={"save_steps": 4}))
+    result = cli("run", str(spec))
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert json.loads((run_dir / "manifest.json").read_text())["world_size"] == 2
+    assert "world_rank=1" in result.stderr  # Ray Train started two workers in one process group
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    assert "checkpoints/checkpoint-8" in snapshot  # Ray tracks the run dir's own checkpoints
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "adapter")
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved and len(loaded) == len(saved)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name.replace(".weight", ".default.weight")].detach(), tensor)
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
+    ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    from ray.util.state import list_actors
+
+    train = {"max_steps": 12, "save_steps": 3}
+    spec = write_spec(ray_job(tiny_llama, tmp_path, ray_head.address, train=train))
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "run", str(spec)],
+            cwd=REPO,
+            env={**os.environ, **QUIET_ENV, **WIDE, "PYTHONPATH": str(REPO)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        root = tmp_path / "runs" / "tiny"
+        wait_for(
+            lambda: list(root.glob("*/checkpoints/checkpoint-3/flotilla-checkpoint.json")),
+            300,
+            "a checkpoint",
+        )
+        workers = list_actors(
+            address=ray_head.dashboard_url,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        )
+        assert len(workers) == 2, workers
+        os.kill(workers[1].pid, signal.SIGKILL)
+        assert process.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert "[FailurePolicy] RETRY" in output  # Ray Train restarted the worker group...
+    assert "resuming from" in output  # ...and the train core went on from the run's last checkpoint
+    steps = [step for step, _ in logged_losses(run_dir)]
+    assert set(steps) == set(range(1, 13))
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_submit_as_ray_jobs_poll_read_logs_and_cancel(
+    ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    address = ray_head.dashboard_url
+    assert address is not None
+    short = write_spec(ray_job(tiny_llama, tmp_path / "short", address, workers=1), "short.yaml")
+    long = write_spec(
+        ray_job(tiny_llama, tmp_path / "long", address, workers=1, train={"max_steps": 5000}), "long.yaml"
+    )
+    submitted = [cli("submit", str(path)) for path in (short, long)]
+    for result in submitted:
+        assert result.returncode == 0, result.stderr[-3000:]
+    short_id, long_id = (result.stdout.strip() for result in submitted)
+    assert short_id.startswith("raysubmit_") and long_id.startswith("raysubmit_")
+    short_dir = only_run_dir(tmp_path / "short" / "runs")
+    long_dir = only_run_dir(tmp_path / "long" / "runs")
+    by_id = {"RAY_ADDRESS": address}
+
+    wait_for(lambda: (long_dir / "metrics.jsonl").is_file(), 300, "the long job to train")
+    assert cli("status", long_id, env=by_id).stdout.strip() == "RUNNING"
+    cancelled = cli("cancel", str(long_dir))
+    assert cancelled.returncode == 0, cancelled.stderr
+    wait_for(lambda: cli("status", str(long_dir)).stdout.strip() == "CANCELLED", 60, "the cancel")
+
+    def short_state() -> str | None:
+        state = cli("status", str(short_dir)).stdout.strip()
+        return state if state in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+    assert wait_for(short_state, 300, "the short job") == "SUCCEEDED", cli("logs", str(short_dir)).stdout
+    logs = cli("logs", short_id, env=by_id)
+    assert logs.returncode == 0
+    assert "model: " in logs.stdout and "Reporting training result" in logs.stdout
+    summary = json.loads((short_dir / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    assert not (long_dir / "summary.json").exists()
+
+
+def test_clear_errors_before_anything_starts(
+    ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    result = cli("run", str(write_spec(ray_job(tiny_llama, tmp_path, nobody), "nobody.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE
+    assert f"no Ray cluster reachable at ray.address='{nobody}'" in result.stderr
+
+    too_big = write_spec(ray_job(tiny_llama, tmp_path, ray_head.address, workers=3), "big.yaml")
+    result = cli("run", str(too_big))
+    assert result.returncode == BAD_INPUT_EXIT_CODE
+    assert "asks for 3 CPUs and 0 GPUs" in result.stderr and "has 2 CPUs" in result.stderr
+    assert "room for 2" in result.stderr
+
+    no_conda = ray_job(
+        tiny_llama, tmp_path, ray_head.address, workers=1, ray={"runtime_env": {"conda": "none"}}
+    )
+    result = cli("run", str(write_spec(no_conda, "conda.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE
+    assert "ray.runtime_env could not be set up on the cluster" in result.stderr and "Conda" in result.stderr
+
+    bad_rows = ray_job(tiny_llama, tmp_path, ray_head.address, workers=1, data={"train": str(BAD_DATA)})
+    result = cli("run", str(write_spec(bad_rows, "rows.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE, result.stderr[-3000:]
+    assert "error:" in result.stderr and "bad_json.jsonl" in result.stderr
+    assert "[FailurePolicy] RETRY" not in result.stderr  # bad input is reported, not retried
+
+    result = cli("submit", str(write_spec(ray_job(tiny_llama, tmp_path, "local"), "local.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE and "needs a running Ray cluster" in result.stderr
+
+    bad = ray_job(tiny_llama, tmp_path, "ray://head")
+    bad["resources"]["nodes"] = 2
+    bad["ray"].update(num_cpus=4, runtime_env={"pipp": ["x"]})
+    result = cli("validate", str(write_spec(bad, "bad.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE
+    for expected in (
+        "resources.nodes",
+        "'ray://head' is not a Ray address",
+        "ray.num_cpus",
+        "ray.runtime_env.pipp",
+        "did you mean 'pip'",
+    ):
+        assert expected in result.stderr, (expected, result.stderr)
+
+    typed = ray_job(tiny_llama, tmp_path, ray_head.address)
+    typed["ray"]["runtime_env"] = {"env_vars": {"A": 1}}
+    result = cli("validate", str(write_spec(typed, "typed.yaml")))
+    assert result.returncode == BAD_INPUT_EXIT_CODE and "env_vars" in result.stderr
+
+
+def test_local_address_starts_a_private_ray_and_stops_it(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    spec = write_spec(ray_job(tiny_llama, tmp_path, "local", workers=1, train={"max_steps": 4}))
+    result = cli("run", str(spec))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())["steps"] == 4
+    line = next(line for line in result.stderr.splitlines() if line.startswith("Ray is up"))
+    port = int(line.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass  # the private head is gone
+
+
+def test_shipped_ray_config_validates_and_renders_its_ray_job() -> None:
+    assert cli("validate", "configs/ray.yaml").returncode == 0
+    result = cli("submit", "configs/ray.yaml", "ray.address=http://127.0.0.1:8265", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["entrypoint"].startswith("python -m launcher.ray_train ")
+    assert job["workers"] == 2 and job["resources_per_worker"] == {"CPU": 1}
