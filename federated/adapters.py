@@ -1,0 +1,99 @@
+"""Adapter arrays on the server: the initial global adapter, PEFT folders per round, Flower records.
+
+Only LoRA adapter tensors (and the PEFT ``modules_to_save`` heads) ever become arrays here; the
+base model is loaded once on the server to shape the adapter and to size what full weights would cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from launcher.checkpoint import save_verified
+from launcher.model import apply_peft, load_model, load_tokenizer
+from launcher.spec import ModelSpec, PeftSpec
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class GlobalModel:
+    """The base model with the federation's LoRA adapter, kept on the server between rounds."""
+
+    model: Any
+    tokenizer: Any
+    full_weight_bytes: int
+
+    @classmethod
+    def build(
+        cls, model_spec: ModelSpec, peft_spec: PeftSpec, labels: list[str] | None, seed: int
+    ) -> GlobalModel:
+        """Base model + a fresh LoRA adapter (A random, B zero) drawn with ``seed``."""
+        torch.manual_seed(seed)
+        tokenizer = load_tokenizer(model_spec)
+        base = load_model(model_spec, labels, tokenizer)
+        full = sum(t.numel() * t.element_size() for t in _unique_tensors(base))
+        model = apply_peft(base, peft_spec.model_copy(update={"init_from": None}), model_spec.task)
+        return cls(model, tokenizer, full)
+
+    def arrays(self) -> Arrays:
+        """The adapter's tensors as float32 numpy arrays, in PEFT's key order."""
+        from peft import get_peft_model_state_dict
+
+        return {
+            k: v.detach().cpu().float().numpy().copy()
+            for k, v in get_peft_model_state_dict(self.model).items()
+        }
+
+    def save(self, arrays: Mapping[str, np.ndarray], folder: Path) -> Path:
+        """Load ``arrays`` into the adapter and publish a verified PEFT folder at ``folder``."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        expected = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+        def write(target: Path) -> None:
+            self.model.save_pretrained(target, safe_serialization=True)
+            self.tokenizer.save_pretrained(target)
+
+        save_verified(write, expected, "adapter_model.safetensors", folder)
+        return folder
+
+
+def _unique_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out.append(tensor)
+    return out
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Numpy arrays -> a Flower ``ArrayRecord`` (same keys, same order)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    """A Flower ``ArrayRecord`` -> numpy arrays (same keys, same order)."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record (what travels, without message framing)."""
+    return int(sum(len(v.data) for v in record.values()))
+
+
+def lora_rank(arrays: Mapping[str, np.ndarray]) -> int | None:
+    """The LoRA rank of an adapter (rows of its first ``lora_A``), or None without LoRA keys."""
+    for key, value in arrays.items():
+        if ".lora_A." in key:
+            return int(np.shape(value)[0])
+    return None

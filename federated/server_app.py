@@ -1,0 +1,398 @@
+"""The ServerApp: drives a strategy over LoRA adapter arrays, round by round, resumably.
+
+Per round: send the global adapter to the sampled sites, collect their adapters, validate every update
+(keys, shapes, NaN/Inf, norm outliers; rejected sites are logged and never averaged in), aggregate with
+the configured strategy (or SecAgg+), save the new global adapter as a PEFT folder and commit a round
+checkpoint with the strategy state and a metrics row (per-site metrics, bytes sent/received, timing).
+A restarted server resumes after the last committed round. Flower itself has no ServerApp resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log  # Flower's logger: shown in simulation and by `flwr log`
+
+from federated.adapters import GlobalModel, from_record, record_bytes, to_record
+from federated.aggregation import Rejection, Update, validate_updates
+from federated.deploy import site_names
+from federated.privacy import DP_CLIPPING_KEY, SECAGG_RECORD, secagg_round
+from federated.rounds import RoundStore
+from federated.spec import FederationSpec
+from federated.strategies import build_strategy, restore_state, strategy_state
+from launcher.atomic import write_json_atomic
+from launcher.errors import FlotillaError
+from launcher.plan import build_plan
+from launcher.spec import JobSpec
+
+#: Run-config keys the deployed ServerApp reads (``flotilla fed server`` sets them).
+RUN_CONFIG_SPEC = "federation"
+RUN_CONFIG_WORK_DIR = "work-dir"
+
+
+class FederationError(FlotillaError):
+    """A round could not complete (too few valid updates, aggregation failed)."""
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the federation spec and work dir come from the run config."""
+    spec_file = Path(str(context.run_config[RUN_CONFIG_SPEC]))
+    fed = FederationSpec.model_validate_json(spec_file.read_text(encoding="utf-8"))
+    run_federation(grid, context, fed, Path(str(context.run_config[RUN_CONFIG_WORK_DIR])))
+
+
+def build_server_app(fed: FederationSpec, work_dir: Path) -> ServerApp:
+    """A ServerApp bound to ``fed`` and ``work_dir`` (for the in-process simulation)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, context, fed, work_dir)
+
+    return server
+
+
+def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: Path) -> None:
+    """Run (or resume) every round of ``fed`` with its outputs in ``work_dir``."""
+    store = RoundStore(work_dir)
+    store.bind(
+        json.loads(fed.model_dump_json(include={"name", "model", "peft", "labels", "strategy", "privacy"}))
+    )
+    model = GlobalModel.build(fed.model, fed.peft, fed.labels, fed.seed)
+    _write_run_files(work_dir, fed)
+    strategy = build_strategy(fed)
+    done = store.last_completed()
+    if done is None:
+        arrays = model.arrays()
+        model.save(arrays, store.adapter_dir(0))
+        row = {
+            "round": 0,
+            "server_eval": _server_eval(fed, store, 0),
+            "full_weight_bytes": model.full_weight_bytes,
+        }
+        store.commit(0, row, {}, {})
+        done = 0
+        _wait_for_start_sites(grid, fed)
+    else:
+        saved, scalars, state_arrays = store.load(done)
+        arrays = {k: saved[k] for k in model.arrays()}
+        restore_state(strategy, scalars, state_arrays)
+        log(INFO, "resuming %s after round %d (checkpoint %s)", fed.name, done, store.checkpoints)
+    names = site_names(work_dir)  # enrolled sites, named even before they first answer
+    names.update({s["node"]: s["site"] for r in store.rows() for s in r.get("sites", []) if "metrics" in s})
+    for server_round in range(done + 1, fed.rounds + 1):
+        started = time.time()
+        arrays, row, payload = _run_round(grid, context, fed, strategy, arrays, server_round, names)
+        model.save(arrays, store.adapter_dir(server_round))
+        row.update(
+            round=server_round,
+            seconds=time.time() - started,
+            full_weight_bytes=model.full_weight_bytes,
+            server_eval=_server_eval(fed, store, server_round),
+        )
+        store.write_payload(server_round, payload)
+        scalars, state_arrays = strategy_state(strategy)
+        store.commit(server_round, row, scalars, state_arrays)
+        _write_summary(work_dir, fed, store)
+        log(INFO, "round %d done in %.1f s: %s", server_round, row["seconds"], _short(row))
+
+
+def _wait_for_start_sites(grid: Grid, fed: FederationSpec) -> None:
+    """Before the first round, wait up to ``round_timeout`` for ``start_sites`` connected sites."""
+    wanted = fed.start_sites or fed.min_sites
+    deadline = time.time() + fed.round_timeout
+    while len(list(grid.get_node_ids())) < wanted and time.time() < deadline:
+        time.sleep(1.0)
+    connected = len(list(grid.get_node_ids()))
+    if connected < wanted:
+        log(
+            WARNING,
+            "only %d of start_sites=%d connected after %.0f s: starting",
+            connected,
+            wanted,
+            fed.round_timeout,
+        )
+
+
+def _run_round(
+    grid: Grid,
+    context: Context,
+    fed: FederationSpec,
+    strategy: Strategy,
+    arrays: dict[str, np.ndarray],
+    rnd: int,
+    names: dict[int, str],
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """One round: returns the new global arrays, the metrics row and the payload description.
+
+    ``names`` maps node ids to the site names they declared (kept across rounds, to name dropouts).
+    """
+    if fed.privacy.secagg is not None:
+        return _secagg_round(grid, context, fed, arrays, rnd, names)
+    record = to_record(arrays)
+    messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed)), grid))
+    replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+    accepted, rejections = screen(replies, arrays, fed)
+    sites = _site_rows(messages, replies, rejections, record_bytes(record), names)
+    if len(accepted) < fed.min_sites:
+        raise FederationError(
+            f"round {rnd}: {len(accepted)} valid update(s), fewer than min_sites={fed.min_sites} "
+            f"({_problems(sites)}); the last completed round stays the global adapter"
+        )
+    _common_metrics(accepted)
+    merged, aggregated = strategy.aggregate_train(rnd, accepted)
+    if merged is None:
+        raise FederationError(f"round {rnd}: the {fed.strategy.name} strategy returned no aggregate")
+    row = {"sites": sites, "aggregated": dict(aggregated or MetricRecord())}
+    return from_record(merged), row, {s["site"]: s.pop("payload") for s in sites if "payload" in s}
+
+
+#: Optimizer steps per site and round when the spec gives neither steps nor epochs.
+DEFAULT_LOCAL_STEPS = 10
+
+
+def round_config(fed: FederationSpec) -> dict[str, Any]:
+    """The ConfigRecord every site receives with the global adapter."""
+    config: dict[str, Any] = {
+        "lora-rank": fed.peft.r,
+        "lora-alpha": fed.peft.alpha,
+        "seed": fed.seed,
+        "labels": list(fed.labels or []),
+    }
+    if fed.local.epochs:
+        config["local-epochs"] = float(fed.local.epochs)
+    else:
+        config["local-steps"] = fed.local.steps or DEFAULT_LOCAL_STEPS
+    if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it
+        config["proximal-mu"] = fed.strategy.proximal_mu
+    if fed.privacy.dp is not None and fed.privacy.dp.side == "client":
+        config[DP_CLIPPING_KEY] = fed.privacy.dp.clipping
+    return config
+
+
+def site_name(reply: Message) -> str:
+    """The site a reply comes from (its self-declared name, else its node id)."""
+    site = reply.content.config_records.get("site") if reply.has_content() else None
+    return str(site["name"]) if site and "name" in site else f"node-{reply.metadata.src_node_id}"
+
+
+def screen(
+    replies: list[Message], reference: dict[str, np.ndarray], fed: FederationSpec
+) -> tuple[list[Message], list[Rejection]]:
+    """Validate every update against the current global adapter; only accepted replies are returned."""
+    updates: list[Update] = []
+    by_site: dict[str, Message] = {}
+    rejections: list[Rejection] = []
+    for reply in replies:
+        if reply.has_error():
+            continue
+        site = site_name(reply)
+        try:
+            arrays = from_record(reply.content["arrays"])
+            examples = int(reply.content["metrics"]["num-examples"])
+        except (KeyError, TypeError, ValueError) as exc:
+            rejections.append(Rejection(site, f"site {site!r}: malformed reply ({exc})"))
+            continue
+        updates.append(Update(site, arrays, examples))
+        by_site.setdefault(site, reply)
+    accepted, rejected = validate_updates(
+        updates,
+        reference,
+        norm_factor=fed.validation.norm_factor,
+        max_norm=fed.validation.max_norm,
+        allow_rank_mismatch=fed.strategy.name == "lora_product",
+    )
+    for rejection in [*rejections, *rejected]:
+        log(WARNING, "rejected update: %s", rejection.reason)
+    return [by_site[u.site_id] for u in accepted], [*rejections, *rejected]
+
+
+def _common_metrics(replies: list[Message]) -> None:
+    """Keep only the scalar metric keys every reply has (Flower's strategies require equal keys)."""
+    records = [reply.content["metrics"] for reply in replies]
+    shared = set.intersection(*(set(r.keys()) for r in records))
+    for reply, record in zip(replies, records, strict=True):
+        reply.content["metrics"] = MetricRecord({k: v for k, v in record.items() if k in shared})
+
+
+def _site_rows(
+    messages: list[Message],
+    replies: list[Message],
+    rejections: list[Rejection],
+    bytes_down: int,
+    names: dict[int, str],
+) -> list[dict[str, Any]]:
+    """Per-site outcome of a round: status, metrics, bytes each way and the payload description."""
+    rejected = {r.site_id: r.reason for r in rejections}
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    rows: dict[int, dict[str, Any]] = {}
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if reply.has_error():
+            rows[node] = {"node": node, "status": "error", "reason": reply.error.reason}
+            continue
+        site = names[node] = site_name(reply)
+        metrics = reply.content.metric_records.get("metrics")
+        rows[node] = {
+            "site": site,
+            "node": node,
+            "status": "rejected" if site in rejected else "accepted",
+            "metrics": dict(metrics) if metrics else {},
+            "bytes_up": sum(record_bytes(r) for r in reply.content.array_records.values()),
+            "payload": describe_payload(reply),
+        }
+        if site in rejected:
+            rows[node]["reason"] = rejected[site]
+    for node in destination.values():
+        rows.setdefault(node, {"node": node, "status": "dropped", "reason": "no reply before round_timeout"})
+    for node, row in rows.items():
+        row.setdefault("site", names.get(node, f"node-{node}"))
+        row["bytes_down"] = bytes_down
+    return list(rows.values())
+
+
+def describe_payload(reply: Message) -> dict[str, Any]:
+    """Names and sizes of everything in a reply (never the values)."""
+    content = reply.content
+    arrays = {
+        name: {k: {"shape": list(v.shape), "dtype": v.dtype, "bytes": len(v.data)} for k, v in record.items()}
+        for name, record in content.array_records.items()
+    }
+    configs = {
+        name: {k: _value_size(v) for k, v in record.items()}
+        for name, record in content.config_records.items()
+    }
+    return {
+        "arrays": arrays,
+        "metrics": {name: sorted(record) for name, record in content.metric_records.items()},
+        "configs": configs,
+    }
+
+
+def _value_size(value: Any) -> dict[str, Any]:
+    if isinstance(value, bytes):
+        return {"type": "bytes", "bytes": len(value)}
+    if isinstance(value, list):
+        return {
+            "type": "list",
+            "items": len(value),
+            "bytes": sum(len(v) for v in value if isinstance(v, bytes)),
+        }
+    return {"type": type(value).__name__}
+
+
+def _secagg_round(
+    grid: Grid,
+    context: Context,
+    fed: FederationSpec,
+    arrays: dict[str, np.ndarray],
+    rnd: int,
+    names: dict[int, str],
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """A SecAgg+ round: only the weighted mean is ever unmasked on the server."""
+    assert fed.privacy.secagg is not None
+    outcome = secagg_round(
+        grid, context, arrays, rnd, round_config(fed), fed.privacy.secagg, fed.min_sites, fed.round_timeout
+    )
+    bytes_down = record_bytes(to_record(arrays))
+    rows: dict[int, dict[str, Any]] = {}
+    stages: dict[int, list[dict[str, Any]]] = {}
+    for reply in outcome.replies:
+        node = reply.metadata.src_node_id
+        row = rows.setdefault(
+            node, {"node": node, "status": "dropped", "bytes_down": bytes_down, "bytes_up": 0}
+        )
+        if reply.has_error():
+            row.update(status="error", reason=reply.error.reason)
+            continue
+        secagg = reply.content.config_records.get(SECAGG_RECORD, {})
+        row["bytes_up"] += sum(_value_size(v).get("bytes", 0) for v in secagg.values())
+        row["bytes_up"] += sum(record_bytes(r) for r in reply.content.array_records.values())
+        fit_metrics = reply.content.config_records.get("fitres.metrics")
+        if fit_metrics is not None:
+            names[node] = str(fit_metrics.get("site", f"node-{node}"))
+            row.update(status="accepted", metrics=dict(fit_metrics))
+        stages.setdefault(node, []).append(describe_payload(reply))
+    for node, row in rows.items():
+        row["site"] = names.get(node, f"node-{node}")
+    if outcome.arrays is None:
+        raise FederationError(f"round {rnd}: SecAgg+ did not complete ({_problems(list(rows.values()))})")
+    payload = {rows[node]["site"]: {"secagg_stages": described} for node, described in stages.items()}
+    return outcome.arrays, {"sites": list(rows.values()), "secagg": True}, payload
+
+
+def _problems(sites: list[dict[str, Any]]) -> str:
+    bad = [f"{s['site']}: {s['status']}" for s in sites if s.get("status") != "accepted"]
+    return "; ".join(bad) or "no site answered"
+
+
+def _server_eval(fed: FederationSpec, store: RoundStore, server_round: int) -> dict[str, float]:
+    """Metrics of the round's global adapter on the server's held-out file (if the spec names one)."""
+    if not fed.evaluation.data:
+        return {}
+    from launcher.evaluate import evaluate_target
+
+    metrics = evaluate_target(
+        store.adapter_dir(server_round), fed.evaluation.data, _eval_format(fed), fed.evaluation.batch_size
+    )
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _eval_format(fed: FederationSpec) -> str:
+    if fed.evaluation.format:
+        return fed.evaluation.format
+    return "classification" if fed.model.task == "sequence_classification" else "instruction"
+
+
+def _write_run_files(work_dir: Path, fed: FederationSpec) -> None:
+    """plan.json + summary.json so the work dir reads as a run dir (``flotilla eval``, ``report``)."""
+    job = JobSpec.model_validate(
+        {
+            "name": fed.name,
+            "seed": fed.seed,
+            "model": fed.model.model_dump(),
+            "peft": fed.peft.model_dump(),
+            "data": {
+                "train": fed.evaluation.data or "(none)",
+                "format": _eval_format(fed),
+                "max_length": fed.evaluation.max_length,
+            },
+        }
+    )
+    (work_dir / "plan.json").write_text(build_plan(job, work_dir).to_json(), encoding="utf-8")
+    if not (work_dir / "summary.json").is_file():
+        write_json_atomic(work_dir / "summary.json", {"labels": fed.labels})
+
+
+def _write_summary(work_dir: Path, fed: FederationSpec, store: RoundStore) -> None:
+    rows = store.rows()
+    last = rows[-1]
+    steps = sum(s.get("metrics", {}).get("steps", 0) for r in rows for s in r.get("sites", []))
+    summary = {
+        "labels": fed.labels,
+        "steps": int(steps),
+        "wall_seconds": sum(r.get("seconds", 0.0) for r in rows),
+        "before": rows[0].get("server_eval", {}),
+        "after": last.get("server_eval", {}),
+        "artifact": str(store.adapter_dir(last["round"])),
+        "rounds": last["round"],
+    }
+    write_json_atomic(work_dir / "summary.json", summary)
+
+
+def _short(row: dict[str, Any]) -> str:
+    status = ", ".join(f"{s['site']} {s['status']}" for s in row.get("sites", []))
+    loss = row.get("server_eval", {}).get("eval_loss")
+    return status + (f"; server eval_loss {loss:.4f}" if loss is not None else "")

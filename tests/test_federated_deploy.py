@@ -1,0 +1,146 @@
+"""Deployment on loopback: a SuperLink and SuperNodes as separate processes, TLS and node authentication.
+
+One scenario, in the order a coordinator would live it: a SuperNode whose key was never enrolled is
+refused; a site is killed mid-round and the round completes without it (min_sites = 1); the server
+crashes after round 1 and, restarted, resumes at round 2 instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from federated.keys import create_trial_keys, write_node_key
+from federated.rounds import RoundStore
+from launcher.backends.local import free_port
+from tests.conftest import QUIET_ENV, REPO, tiny_job
+
+Start = Callable[..., subprocess.Popen[str]]
+
+
+def kill_tree(process: subprocess.Popen[str], sig: str = "kill") -> None:
+    """Stop a process started by this test and everything it started, by PID."""
+    try:
+        root = psutil.Process(process.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in family:
+        try:
+            member.kill() if sig == "kill" else member.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(family, timeout=30)
+    process.wait(timeout=30)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """Start ``flotilla`` commands in the background; every one is stopped at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def run(*args: str, log: str) -> subprocess.Popen[str]:
+        handle = (tmp_path / log).open("w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", *args],
+            cwd=tmp_path,
+            env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        kill_tree(process, "term")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.5)
+
+
+def write(path: Path, content: dict) -> Path:
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
+    keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
+    rogue_key, _ = write_node_key(tmp_path / "rogue")
+    port = free_port()
+    for site in ("site_a", "site_b"):
+        job = tiny_job(tiny_llama, tmp_path, name=site, data={"max_train_rows": 32, "max_validation_rows": 8})
+        write(tmp_path / f"{site}.job.yaml", job)
+    fed = write(
+        tmp_path / "fed.yaml",
+        {
+            "name": "deployed",
+            "seed": 7,
+            "model": {"path": str(tiny_llama)},
+            "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "rounds": 2,
+            "min_sites": 1,
+            "start_sites": 2,
+            "round_timeout": 240,
+            "local": {"steps": 2},
+            "server": {"host": "127.0.0.1", "port": port, "keys": str(tmp_path / "keys")},
+            "output": str(tmp_path / "out"),
+        },
+    )
+
+    def site_spec(name: str, key: Path) -> Path:
+        spec = {
+            "site": name,
+            "job": str(tmp_path / "site_a.job.yaml" if name == "rogue" else tmp_path / f"{name}.job.yaml"),
+            "superlink": f"127.0.0.1:{port}",
+            "ca_cert": str(keys.ca_cert),
+            "private_key": str(key),
+            "work_dir": str(tmp_path / f"work-{name}"),
+        }
+        return write(tmp_path / f"{name}.site.yaml", spec)
+
+    store = RoundStore(tmp_path / "out" / "deployed")
+    server = start("fed", "server", str(fed), log="server-1.log")
+    wait_for(
+        lambda: "2 site key(s) enrolled" in (tmp_path / "server-1.log").read_text(), 120, "the SuperLink"
+    )
+    assert "https://127.0.0.1" in (store.work_dir / "superlink.log").read_text()
+    site_a = start("fed", "site", str(site_spec("site_a", keys.site_keys["site_a"][0])), log="site_a.log")
+    site_b = start("fed", "site", str(site_spec("site_b", keys.site_keys["site_b"][0])), log="site_b.log")
+    rogue = start("fed", "site", str(site_spec("rogue", rogue_key)), log="rogue.log")
+
+    assert rogue.wait(timeout=120) == 2
+    assert "refused this SuperNode" in (tmp_path / "rogue.log").read_text()
+
+    wait_for(lambda: (tmp_path / "work-site_b" / "round-001").is_dir(), 300, "site_b to start round 1")
+    kill_tree(site_b)
+    wait_for(lambda: store.last_completed() == 1, 400, "round 1 to complete without site_b")
+    round_1 = store.rows()[1]
+    statuses = {s["site"]: s["status"] for s in round_1["sites"]}
+    assert statuses == {"site_a": "accepted", "site_b": "error"}, round_1["sites"]
+
+    kill_tree(server)  # the coordinator crashes during round 2
+    restarted_at = time.time()
+    trained_round_1 = (tmp_path / "work-site_a" / "round-001" / "summary.json").stat().st_mtime
+    server = start("fed", "server", str(fed), log="server-2.log")
+    assert server.wait(timeout=400) == 0, (tmp_path / "server-2.log").read_text()[-3000:]
+    log = (tmp_path / "server-2.log").read_text()
+    assert "resuming after round 1" in log
+    assert [row["round"] for row in store.rows()] == [0, 1, 2]
+    assert {s["site"]: s["status"] for s in store.rows()[2]["sites"]}["site_a"] == "accepted"
+    assert (tmp_path / "work-site_a" / "round-001" / "summary.json").stat().st_mtime == trained_round_1
+    assert (tmp_path / "work-site_a" / "round-002" / "summary.json").stat().st_mtime > restarted_at
+    assert site_a.poll() is None, "the site keeps serving across the server restart"

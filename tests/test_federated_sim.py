@@ -1,0 +1,172 @@
+"""A real federated run (Flower simulation engine, MiniLM sentiment, 3 non-IID sites + 1 attacker).
+
+One simulation is shared by the tests of this module: the global adapter learns, only adapter arrays
+travel, the attacker's poisoned updates (NaN, huge norm, wrong shape) are rejected and never averaged
+in, and the federated model beats every site's local-only model on the shared validation set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from safetensors.numpy import load_file
+
+from federated.adapters import from_record, to_record
+from federated.aggregation import Update, fedavg
+from federated.rounds import RoundStore
+from federated.simulation import simulate
+from federated.spec import load_federation
+from tests.conftest import DATA, REPO
+
+ROUNDS, LOCAL_STEPS = 3, 6
+HONEST = ("site_a", "site_b", "site_c")
+SHARED_VAL = DATA / "sites" / "shared_val.jsonl"
+
+
+def attacker_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Partition 3 never trains: it answers every round with a poisoned copy of the global adapter."""
+    if int(context.node_config["partition-id"]) != 3:
+        return call_next(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    arrays = {k: v.copy() for k, v in from_record(msg.content["arrays"]).items()}
+    b_key = next(k for k in arrays if ".lora_B." in k)
+    if server_round == 1:
+        arrays[b_key][0, 0] = np.nan
+    elif server_round == 2:
+        arrays = {k: v + 50.0 for k, v in arrays.items()}
+    else:
+        arrays[b_key] = np.zeros((arrays[b_key].shape[0], arrays[b_key].shape[1] + 1), np.float32)
+    content = RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "metrics": MetricRecord({"num-examples": 100000}),
+            "site": ConfigRecord({"name": "attacker"}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> RoundStore:
+    out = tmp_path_factory.mktemp("fed")
+    fed = load_federation(
+        REPO / "configs" / "federated.yaml",
+        [
+            f"rounds={ROUNDS}",
+            f"local.steps={LOCAL_STEPS}",
+            "min_sites=3",
+            f"sites.site_d={REPO / 'configs' / 'federated' / 'site_c.yaml'}",
+            f"output={out}",
+        ],
+    )
+    simulate(fed, out / fed.name, extra_mods=[attacker_mod])
+    return RoundStore(out / fed.name)
+
+
+def site_adapter(store: RoundStore, site: str, server_round: int) -> dict[str, np.ndarray]:
+    path = (
+        store.work_dir
+        / "sites"
+        / site
+        / f"round-{server_round:03d}"
+        / "adapter"
+        / "adapter_model.safetensors"
+    )
+    return load_file(str(path))
+
+
+def test_the_global_adapter_learns_round_after_round(federation: RoundStore) -> None:
+    rows = federation.rows()
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    losses = [r["server_eval"]["eval_loss"] for r in rows]
+    assert losses[-1] < losses[1] < losses[0], losses
+    for row in rows[1:]:
+        accepted = {s["site"] for s in row["sites"] if s["status"] == "accepted"}
+        assert accepted == set(HONEST)
+        for site in row["sites"]:
+            if site["status"] == "accepted":
+                assert {"num-examples", "eval_loss", "global-eval_loss", "eval_accuracy"} <= set(
+                    site["metrics"]
+                )
+    from peft import PeftModel
+
+    from launcher.model import load_model
+    from launcher.spec import ModelSpec
+
+    base = load_model(ModelSpec(path="minilm-l6", task="sequence_classification"), ["negative", "positive"])
+    PeftModel.from_pretrained(base, federation.adapter_dir(ROUNDS))  # every round is a PEFT folder
+
+
+def test_only_adapter_arrays_travel(federation: RoundStore) -> None:
+    global_keys = set(load_file(str(federation.adapter_dir(0) / "adapter_model.safetensors")))
+    adapter_bytes = sum(
+        v.nbytes for v in load_file(str(federation.adapter_dir(0) / "adapter_model.safetensors")).values()
+    )
+    row = federation.rows()[1]
+    for server_round in range(1, ROUNDS + 1):
+        payload = json.loads((federation.work_dir / "payload" / f"round-{server_round:03d}.json").read_text())
+        for site in HONEST:
+            sent = payload[site]
+            assert set(sent["arrays"]) == {"arrays"}
+            keys = set(sent["arrays"]["arrays"])
+            assert keys == global_keys
+            assert all(".lora_A." in k or ".lora_B." in k or ".classifier." in k for k in keys)
+            # the arrays' own bytes plus a small header each (dtype and shape), nothing else
+            assert sum(a["bytes"] for a in sent["arrays"]["arrays"].values()) < adapter_bytes * 1.05
+            assert sent["configs"] == {"site": {"name": {"type": "str"}}}
+            assert all(
+                k.replace("-", "_").replace(".", "_").isidentifier() for k in sent["metrics"]["metrics"]
+            )
+    honest = [s for s in row["sites"] if s["site"] in HONEST]
+    assert all(s["bytes_up"] / row["full_weight_bytes"] < 0.01 for s in honest)
+
+
+def test_poisoned_updates_are_rejected_and_never_averaged_in(federation: RoundStore) -> None:
+    expected_reason = {1: "NaN or Inf", 2: "exceeds 10 x median norm", 3: "has shape"}
+    for row in federation.rows()[1:]:
+        attacker = next(s for s in row["sites"] if s["site"] == "attacker")
+        assert attacker["status"] == "rejected"
+        assert expected_reason[row["round"]] in attacker["reason"], attacker["reason"]
+        honest = [Update(s, site_adapter(federation, s, row["round"]), 135) for s in HONEST]
+        merged = load_file(str(federation.adapter_dir(row["round"]) / "adapter_model.safetensors"))
+        for key, value in fedavg(honest).items():
+            np.testing.assert_allclose(merged[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_federated_model_beats_every_local_only_model(federation: RoundStore, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from launcher.evaluate import evaluate_target
+    from launcher.jobs import prepare_run
+    from launcher.train import run_training
+
+    federated = federation.rows()[-1]["server_eval"]
+    local: dict[str, dict[str, float]] = {}
+    for site in HONEST:
+        overrides = [
+            f"train.max_steps={ROUNDS * LOCAL_STEPS}",
+            f"output.dir={tmp_path}",
+            "eval.at_start=false",
+        ]
+        prepared = prepare_run(REPO / "configs" / "federated" / f"{site}.yaml", overrides)
+        run_training(prepared.run_dir, Console(stderr=True, quiet=True))
+        local[site] = evaluate_target(prepared.run_dir, str(SHARED_VAL))
+    print(json.dumps({"federated": federated, "local_only": local}, indent=1))
+    for site, metrics in local.items():  # the task metrics of a classifier: accuracy and F1
+        assert federated["eval_accuracy"] > metrics["eval_accuracy"], (site, federated, metrics)
+        assert federated["eval_f1"] > metrics["eval_f1"], (site, federated, metrics)
+
+
+def test_the_report_command_prints_the_round_tables(
+    federation: RoundStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launcher.cli import main
+
+    assert main(["fed", "report", str(federation.work_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "attacker" in printed and "rejected" in printed and "global adapter per round" in printed

@@ -1,0 +1,251 @@
+"""Federated pieces without a Flower run: spec rules, strategies, DP wiring, update screening, keys."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
+
+from federated import deploy
+from federated.adapters import from_record, to_record
+from federated.aggregation import fedavg, lora_pairs
+from federated.keys import create_trial_keys
+from federated.local_round import ProximalPull, RoundOrder, fit_rank
+from federated.server_app import round_config, screen
+from federated.spec import load_federation
+from federated.strategies import LoraProductAverage, build_strategy, restore_state, strategy_state
+from launcher.errors import FlotillaError, SpecError
+from tests.conftest import REPO
+
+BASE = {
+    "name": "unit",
+    "model": {"path": "tiny"},
+    "peft": {"method": "lora", "r": 4, "alpha": 8},
+    "rounds": 2,
+    "min_sites": 3,
+    "sites": {"a": "a.yaml", "b": "b.yaml", "c": "c.yaml"},
+}
+
+
+def fed_spec(write_spec: Any, **changes: Any) -> Any:
+    return load_federation(write_spec({**BASE, **changes}, "fed.yaml"))
+
+
+def test_spec_errors_name_the_key_and_what_is_allowed(write_spec: Any) -> None:
+    with pytest.raises(SpecError) as bad_key:
+        fed_spec(write_spec, strategy={"nmae": "fedavg"})
+    assert "strategy.nmae: unknown key; did you mean 'name'?" in str(bad_key.value)
+    with pytest.raises(SpecError) as secagg:
+        fed_spec(write_spec, strategy={"name": "median"}, privacy={"secagg": {}})
+    assert "privacy.secagg" in str(secagg.value) and "only sees the sum" in str(secagg.value)
+    with pytest.raises(SpecError) as labels:
+        fed_spec(write_spec, model={"path": "minilm-l6", "task": "sequence_classification"})
+    assert "labels" in str(labels.value)
+    with pytest.raises(SpecError) as sites:
+        fed_spec(write_spec, min_sites=4)
+    assert "min_sites" in str(sites.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("fedavg", FedAvg),
+        ("fedprox", FedProx),
+        ("fedadam", FedAdam),
+        ("median", FedMedian),
+        ("trimmed_mean", FedTrimmedAvg),
+        ("krum", Krum),
+        ("lora_product", LoraProductAverage),
+    ],
+)
+def test_every_strategy_name_builds_a_flower_strategy(write_spec: Any, name: str, kind: type) -> None:
+    strategy = build_strategy(fed_spec(write_spec, strategy={"name": name}))
+    assert type(strategy) is kind
+    assert strategy.min_train_nodes == 3
+
+
+def test_dp_wrappers_carry_the_spec_parameters(write_spec: Any) -> None:
+    server = build_strategy(
+        fed_spec(write_spec, privacy={"dp": {"noise_multiplier": 0.3, "clipping_norm": 2.5}})
+    )
+    assert isinstance(server, DifferentialPrivacyServerSideFixedClipping)
+    assert (server.noise_multiplier, server.clipping_norm, server.num_sampled_clients) == (0.3, 2.5, 3)
+    client = fed_spec(
+        write_spec,
+        privacy={
+            "dp": {
+                "side": "client",
+                "clipping": "adaptive",
+                "clipping_norm": 0.7,
+                "clipped_count_stddev": 1.0,
+            }
+        },
+    )
+    strategy = build_strategy(client)
+    assert isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping)
+    assert strategy.clipping_norm == 0.7 and isinstance(strategy.strategy, FedAvg)
+    assert round_config(client)["dp-clipping"] == "adaptive"
+    with pytest.raises(FlotillaError, match=r"privacy\.dp: .*clipped_count_stddev"):
+        build_strategy(fed_spec(write_spec, privacy={"dp": {"clipping": "adaptive"}}))
+
+
+def test_strategy_state_survives_a_restart(write_spec: Any) -> None:
+    dp = {"clipping": "adaptive", "clipped_count_stddev": 1.0}
+    spec = fed_spec(write_spec, strategy={"name": "fedadam"}, privacy={"dp": dp})
+    strategy = build_strategy(spec)
+    inner = strategy.strategy
+    inner.m_t = {"w": np.arange(3.0)}
+    inner.v_t = {"w": np.ones(3)}
+    strategy.clipping_norm = 0.123
+    scalars, arrays = strategy_state(strategy)
+    fresh = build_strategy(spec)
+    restore_state(fresh, scalars, arrays)
+    assert fresh.clipping_norm == 0.123
+    np.testing.assert_array_equal(fresh.strategy.m_t["w"], np.arange(3.0))
+    np.testing.assert_array_equal(fresh.strategy.v_t["w"], np.ones(3))
+
+
+def adapter(seed: int, rank: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "m.q.lora_A.weight": rng.normal(size=(rank, 6)).astype(np.float32),
+        "m.q.lora_B.weight": rng.normal(size=(5, rank)).astype(np.float32) * 0.1,
+        "m.head.weight": rng.normal(size=(2, 6)).astype(np.float32),
+    }
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are stamped with the running task's identity; give this process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def reply(site: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": to_record(arrays),
+            "metrics": MetricRecord({"num-examples": examples, "eval_loss": 1.0}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def test_poisoned_updates_are_rejected_and_the_global_adapter_is_unaffected(write_spec: Any) -> None:
+    spec = fed_spec(write_spec, sites={}, min_sites=1)
+    reference = adapter(0)
+    honest = {f"site{i}": {k: v + 0.01 * (i + 1) for k, v in reference.items()} for i in range(3)}
+    nan = {k: v.copy() for k, v in reference.items()}
+    nan["m.q.lora_A.weight"][0, 0] = np.nan
+    shape = {**reference, "m.q.lora_B.weight": np.zeros((5, 3), np.float32)}
+    huge = {k: v + 100.0 for k, v in reference.items()}
+    replies = [reply(s, a, 10 * (i + 1)) for i, (s, a) in enumerate(honest.items())]
+    replies += [reply("nan", nan, 10), reply("shape", shape, 10), reply("huge", huge, 10)]
+    accepted, rejected = screen(replies, reference, spec)
+    reasons = {r.site_id: r.reason for r in rejected}
+    assert set(reasons) == {"nan", "shape", "huge"}
+    assert "NaN" in reasons["nan"] and "shape" in reasons["shape"] and "norm" in reasons["huge"]
+    merged, _ = FedAvg(min_train_nodes=1, min_available_nodes=1).aggregate_train(1, accepted)
+    from federated.aggregation import Update
+
+    expected = fedavg([Update(s, a, 10 * (i + 1)) for i, (s, a) in enumerate(honest.items())])
+    for key, value in from_record(merged).items():
+        np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-7)
+
+
+def test_lora_product_strategy_merges_sites_of_different_ranks() -> None:
+    sites = [adapter(1, rank=4), adapter(2, rank=2)]
+    replies = [reply(f"s{i}", a, 10) for i, a in enumerate(sites)]
+    for message, rank in zip(replies, (4, 2), strict=True):
+        message.content["metrics"] = MetricRecord({"num-examples": 10, "lora-rank": rank, "lora-alpha": 8.0})
+    strategy = LoraProductAverage(4, 8.0, min_train_nodes=1, min_available_nodes=1)
+    merged, _ = strategy.aggregate_train(1, replies)
+    out = from_record(merged)
+    product = out["m.q.lora_B.weight"] @ out["m.q.lora_A.weight"]
+    expected = sum(
+        0.5 * (8.0 / r) / 2.0 * (a["m.q.lora_B.weight"] @ a["m.q.lora_A.weight"])
+        for a, r in zip(sites, (4, 2), strict=True)
+    )
+    assert out["m.q.lora_A.weight"].shape == (4, 6)
+    # rank 4 < 4 + 2 stacked directions: the best rank-4 approximation, close but not exact
+    assert np.linalg.norm(product - expected) < 0.35 * np.linalg.norm(expected)
+
+
+def test_a_site_of_another_rank_gets_the_best_factors_and_trainable_rows() -> None:
+    global_arrays = adapter(3, rank=4)
+    global_arrays["m.q.lora_B.weight"][:, 2:] = 0.0  # the global update has rank 2
+    order = RoundOrder(server_round=1, global_rank=4, global_alpha=8.0)
+    local = fit_rank(global_arrays, rank=3, alpha=6.0, order=order, seed=0)
+    a_key, b_key = lora_pairs(local)["m.q"]
+    assert local[a_key].shape == (3, 6) and local[b_key].shape == (5, 3)
+    delta = (8.0 / 4) * global_arrays[b_key] @ global_arrays[a_key]
+    np.testing.assert_allclose((6.0 / 3) * local[b_key] @ local[a_key], delta, atol=1e-5)
+    assert np.all(np.any(local[a_key] != 0, axis=1)), "every A row can learn"
+
+
+def test_proximal_pull_moves_adapter_weights_towards_the_global_ones() -> None:
+    model = torch.nn.Module()
+    model.lora = torch.nn.Linear(3, 2, bias=False)
+    anchor = {"lora.weight": np.zeros((2, 3), np.float32)}
+    with torch.no_grad():
+        model.lora.weight.fill_(1.0)
+    pull = ProximalPull(mu=0.5, anchor=anchor)
+    args = type("Args", (), {"learning_rate": 0.1})()
+    pull.on_train_begin(args, None, None, model=model)
+    pull.on_step_end(args, None, None)
+    assert torch.allclose(model.lora.weight, torch.full((2, 3), 1.0 - 0.1 * 0.5))
+
+
+def test_trial_keys_chain_to_the_ca_and_load_as_flower_expects(tmp_path: Path) -> None:
+    keys = create_trial_keys(tmp_path, ["site_a", "site_b"], hosts=["fed.example.org"])
+    ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(keys.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fed.example.org" in names.get_values_for_type(x509.DNSName)
+    assert any(str(ip) == "127.0.0.1" for ip in names.get_values_for_type(x509.IPAddress))
+    private, public = keys.site_keys["site_a"]
+    assert private.stat().st_mode & 0o077 == 0
+    serialization.load_ssh_private_key(private.read_bytes(), None)
+    serialization.load_ssh_public_key(public.read_bytes())
+    with pytest.raises(FlotillaError, match="already holds a CA"):
+        create_trial_keys(tmp_path, ["site_a"])
+    with pytest.raises(FlotillaError, match="site names"):
+        create_trial_keys(tmp_path / "other", ["bad name"])
+
+
+def test_pyproject_flower_app_matches_the_deployed_components() -> None:
+    app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    generated = tomllib.loads(deploy.APP_PYPROJECT)["tool"]["flwr"]["app"]
+    assert app["components"] == generated["components"]
+    assert set(app["config"]) == set(generated["config"])
+    assert "federations" not in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, write_spec: Any) -> None:
+    from launcher.cli import main
+
+    spec = write_spec({**BASE, "rounds": 0}, "fed.yaml")
+    assert main(["fed", "simulate", str(spec), "--work-dir", str(tmp_path / "w")]) == 2
+    missing = write_spec({**BASE, "server": {"keys": str(tmp_path / "nokeys")}}, "srv.yaml")
+    assert main(["fed", "server", str(missing), "--work-dir", str(tmp_path / "w2")]) == 2
