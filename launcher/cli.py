@@ -106,9 +106,11 @@ def _print_memory(spec: JobSpec, args: argparse.Namespace) -> None:
             f"nothing fits in {args.gpu_memory} per GPU on {setup.world} GPU(s), even ZeRO-3 with "
             "parameter and optimizer offload and micro batch 1: add GPUs or shorten data.max_length"
         )
-    overrides = found.overrides
+    overrides = [*args.overrides, *found.overrides]
+    if args.gpus:
+        overrides.append(f"resources.gpus_per_node={args.gpus}")
     if spec.resources.backend != "deepspeed":
-        overrides = ["resources.backend=deepspeed", *overrides]
+        overrides.insert(0, "resources.backend=deepspeed")
     out.print(
         f"cheapest fit: ZeRO-{found.setup.stage}, offload "
         f"{_offload_text(found.setup.offload_optimizer, found.setup.offload_params)}, gradient checkpointing "
@@ -165,12 +167,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _dry_run(args: argparse.Namespace) -> int:
     from launcher.backends.base import get_backend
-    from launcher.jobs import load_job
+    from launcher.jobs import load_job, with_backend
     from launcher.plan import build_plan
 
-    spec = load_job(Path(args.spec), args.overrides)
-    if args.backend:
-        spec.resources.backend = args.backend
+    spec = load_job(Path(args.spec), with_backend(args.overrides, args.backend))
     backend = get_backend(spec.resources.backend)
     render = getattr(backend, "render", None)
     if render is None:

@@ -70,9 +70,9 @@ def deepspeed_override_problems(spec: JobSpec) -> list[tuple[str, str]]:
 
     bare = spec.model_copy(deep=True)
     bare.resources.deepspeed_overrides = {}
+    bare.resources.zero = None  # the plan without DeepSpeed: precision problems are another rule's
     plan = build_plan(bare, Path("."))
-    assert plan.deepspeed_config is not None
-    return override_problems(spec.resources.deepspeed_overrides, plan.deepspeed_config)
+    return override_problems(spec.resources.deepspeed_overrides, derived_config(spec, plan))
 
 
 def derived_config(spec: JobSpec, plan: Plan) -> dict[str, Any]:

@@ -29,11 +29,16 @@ def load_job(spec_path: Path, overrides: list[str]) -> JobSpec:
     return resolve_relative_paths(load_spec(spec_path, overrides), spec_path)
 
 
+def with_backend(overrides: list[str], backend: str | None) -> list[str]:
+    """``overrides`` plus ``resources.backend=<backend>``: validated with the rest of the spec."""
+    return [*overrides, f"resources.backend={backend}"] if backend else overrides
+
+
 def prepare_run(spec_path: Path, overrides: list[str], backend: str | None = None) -> PreparedRun:
-    """Validate the spec and create a fresh run directory for it."""
+    """Validate the spec (``backend`` overriding its resources.backend) and create a fresh run
+    directory for it."""
+    overrides = with_backend(overrides, backend)
     spec = load_job(spec_path, overrides)
-    if backend:
-        spec.resources.backend = backend  # type: ignore[assignment]
     run_dir = new_run_dir(spec.output.dir, spec.name)
     shutil.copyfile(spec_path, run_dir / "spec.yaml")
     plan = build_plan(spec, run_dir)

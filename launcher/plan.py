@@ -77,8 +77,8 @@ def _device(spec: JobSpec, cuda_available: bool | None) -> str:
     """``cpu`` or ``cuda`` as the train core will see it."""
     if spec.resources.device != "auto":
         return spec.resources.device
-    if spec.resources.gpus_per_worker > 0:
-        return "cuda"  # Ray workers get their GPUs on the cluster, whatever this machine has
+    if spec.resources.gpus_per_worker > 0 or spec.resources.gpus_per_node > 0:
+        return "cuda"  # the job's GPUs are on its nodes or workers, whatever the submitting machine has
     if cuda_available is None:
         import torch
 
