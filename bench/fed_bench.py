@@ -1,0 +1,210 @@
+"""Federated costs: bytes per round per site on the wire, and the time to aggregate many sites.
+
+Bytes: the real SmolLM2-135M-Instruct with Flotilla's default LoRA (r 8, all linear layers); the
+adapter goes into a Flower (flwr 1.41) ``ArrayRecord`` inside a ``Message``, the server's train
+instruction one way and the site's reply the other. Flower 1.41 sends a message as a tree of objects
+(message, record dict, records, arrays, 5 MB array chunks), each pushed with a ``PushObjectRequest``;
+the bytes counted here are those requests' protobuf sizes plus the message's object tree, i.e. all
+of Flower's own framing, without gRPC/HTTP-2/TLS headers.
+
+Aggregation: ``federated/aggregation.py`` on 100 sites' adapters of that shape (the real adapter plus
+a different random perturbation per site): update validation, FedAvg, and the LoRA-aware product
+average.
+
+    python bench/fed_bench.py [--sites 100] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+MODEL_ALIAS = "smollm2-135m-instruct"
+BYTES_GOAL = 1.05
+AGGREGATION_GOAL_S = 1.0
+
+
+def adapter_and_full_size(seed: int) -> tuple[dict[str, Any], int, int]:
+    """A trained-looking adapter (torch tensors), its safetensors file size, and the full weights' bytes."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from launcher.model import apply_peft, load_model
+    from launcher.spec import ModelSpec, PeftSpec
+
+    torch.manual_seed(seed)
+    base = load_model(ModelSpec(path=MODEL_ALIAS))
+    unique = {t.data_ptr(): t for t in base.state_dict().values()}
+    full_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    model = apply_peft(base, PeftSpec(), "causal_lm")
+    with torch.no_grad():  # lora_B starts at zero; a trained adapter does not (and zeros would dedupe)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        file_bytes = (Path(folder) / "adapter_model.safetensors").stat().st_size
+    return state, file_bytes, full_bytes
+
+
+def wire_bytes(message: Any) -> dict[str, int]:
+    """What Flower 1.41 pushes for ``message``: one PushObjectRequest per object, plus the object tree."""
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    objects = get_all_nested_objects(message)
+    node = Node(node_id=2**62)
+    requests = sum(
+        PushObjectRequest(
+            node=node, run_id=2**62, object_id=object_id, object_content=obj.deflate()
+        ).ByteSize()
+        for object_id, obj in objects.items()
+    )
+    tree = get_object_tree(message).ByteSize()
+    return {"objects": len(objects), "bytes": requests + tree}
+
+
+def round_messages(state: dict[str, Any]) -> tuple[Any, Any]:
+    """The server's train instruction to one site, and that site's reply, as a ServerApp/ClientApp build them."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What a running ServerApp process has set (64-bit ids, as Flower draws them).
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 2**62 + 1, 1, 2**62 + 3
+    instruction = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(state),
+                "config": ConfigRecord({"server-round": 1, "local-steps": 20, "learning-rate": 2e-4}),
+            }
+        ),
+        dst_node_id=2**62,
+        message_type="train",
+        group_id="1",
+    )
+    instruction.metadata.__dict__["_message_id"] = instruction.object_id
+    reply = Message(
+        RecordDict(
+            {
+                "arrays": ArrayRecord(state),
+                "metrics": MetricRecord({"num-examples": 150, "train_loss": 0.61, "eval_loss": 0.72}),
+                "site": ConfigRecord({"name": "site_a"}),
+            }
+        ),
+        reply_to=instruction,
+    )
+    return instruction, reply
+
+
+def timed(function: Callable[[], Any], repeats: int) -> dict[str, list[float]]:
+    """Wall and CPU seconds of each of ``repeats`` calls (CPU time is robust to a busy machine)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        function()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return {"wall": wall, "cpu": cpu}
+
+
+def aggregation_times(
+    reference: dict[str, np.ndarray], sites: int, repeats: int, seed: int
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds to validate and aggregate ``sites`` updates of the reference adapter's shape."""
+    from federated.aggregation import Update, fedavg, lora_product_average, validate_updates
+
+    rng = np.random.default_rng(seed)
+    updates = [
+        Update(
+            f"site-{i}",
+            {k: v + rng.standard_normal(v.shape, dtype=np.float32) * 1e-3 for k, v in reference.items()},
+            int(rng.integers(50, 500)),
+        )
+        for i in range(sites)
+    ]
+    rank = next(v.shape[0] for k, v in reference.items() if ".lora_A." in k)
+    return {
+        "validate_updates": timed(lambda: validate_updates(updates, reference), repeats),
+        "fedavg": timed(lambda: fedavg(updates), repeats),
+        "lora_product_average": timed(lambda: lora_product_average(updates, rank), repeats),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure and print; ``--json`` also writes every number."""
+    parser = argparse.ArgumentParser(description="bytes per round per site, and aggregation time")
+    parser.add_argument("--sites", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="BLAS threads while aggregating (default 1: on a busy machine more threads spin-wait)",
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+    state, file_bytes, full_bytes = adapter_and_full_size(args.seed)
+    arrays = {k: v.numpy() for k, v in state.items()}
+    adapter_bytes = int(sum(a.nbytes for a in arrays.values()))
+    instruction, reply = round_messages(state)
+    down, up = wire_bytes(instruction), wire_bytes(reply)
+    with threadpool_limits(args.blas_threads):
+        times = aggregation_times(arrays, args.sites, args.repeats, args.seed)
+    results = {
+        "adapter_tensors": len(arrays),
+        "adapter_parameters": int(sum(a.size for a in arrays.values())),
+        "adapter_bytes": adapter_bytes,
+        "adapter_safetensors_bytes": file_bytes,
+        "full_weight_bytes": full_bytes,
+        "down": {**down, "vs_adapter": down["bytes"] / adapter_bytes, "vs_full": down["bytes"] / full_bytes},
+        "up": {**up, "vs_adapter": up["bytes"] / adapter_bytes, "vs_full": up["bytes"] / full_bytes},
+        "sites": args.sites,
+        "blas_threads": args.blas_threads,
+        "aggregation_seconds": times,
+        "load_average": os.getloadavg(),
+    }
+    mib = 2**20
+    print(
+        f"adapter: {len(arrays)} tensors, {results['adapter_parameters']:,} parameters, "
+        f"{adapter_bytes / mib:.2f} MiB float32 (safetensors file {file_bytes / mib:.2f} MiB); "
+        f"full weights {full_bytes / mib:.1f} MiB"
+    )
+    for name in ("down", "up"):
+        row = results[name]
+        met = "yes" if row["vs_adapter"] <= BYTES_GOAL else "NO"
+        print(
+            f"bytes per round per site, {name:>4}: {row['bytes']:,} B in {row['objects']} objects = "
+            f"{row['vs_adapter']:.4f}x the adapter (goal <= {BYTES_GOAL}x: {met}), "
+            f"{row['vs_full']:.4f}x full weights"
+        )
+    for name, clocks in times.items():
+        wall, cpu = clocks["wall"], clocks["cpu"]
+        met = "yes" if statistics.median(wall) < AGGREGATION_GOAL_S else "NO"
+        print(
+            f"{name} of {args.sites} sites: wall {min(wall):.3f} / {statistics.median(wall):.3f} / "
+            f"{max(wall):.3f} s (min/median/max; goal < {AGGREGATION_GOAL_S:g} s: {met}), "
+            f"CPU median {statistics.median(cpu):.3f} s"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
