@@ -23,9 +23,21 @@ def problems_of(data: dict, overrides: list[str] | None = None) -> list[str]:
     return caught.value.problems
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+SHIPPED = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate(name: str) -> None:
-    assert load_spec(REPO / "configs" / name).name
+    """Job specs, the federation spec and the sites' deployment specs, each by its own schema."""
+    from federated.spec import load_federation, load_site
+
+    path = REPO / "configs" / name
+    if name == "federated.yaml":
+        assert load_federation(path).sites
+    elif name.endswith(".deploy.yaml"):
+        assert load_site(path).site
+    else:
+        assert load_spec(path).name
 
 
 def test_all_problems_reported_at_once_with_lines_and_did_you_mean(tmp_path: Path) -> None:

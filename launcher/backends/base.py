@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -92,3 +95,28 @@ def find_job(job: str, backend_name: str | None) -> tuple[Backend, str, Path | N
         else:
             raise FlotillaError(f"{job!r} is neither a run directory nor a known job id; pass --backend")
     return get_backend(backend_name), job, None
+
+
+def follow_logs(
+    files: Callable[[], list[tuple[str, Path]]], finished: Callable[[], bool], poll: float
+) -> None:
+    """Print what the log ``files`` gain, each under a ``==> label: path <==`` header, until the job
+    is ``finished`` (checked before the last read, so nothing written before the end is missed)."""
+    offsets: dict[Path, int] = {}
+    current: Path | None = None
+    while True:
+        final = finished()
+        for label, path in files():
+            with path.open("rb") as handle:
+                handle.seek(offsets.get(path, 0))
+                chunk = handle.read()
+            if chunk:
+                offsets[path] = offsets.get(path, 0) + len(chunk)
+                if path != current:
+                    sys.stdout.write(f"==> {label}: {path} <==\n")
+                    current = path
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if final:
+            return
+        time.sleep(poll)

@@ -24,7 +24,7 @@ from typing import Literal
 
 from rich.console import Console
 
-from launcher.backends.base import RunHandle
+from launcher.backends.base import RunHandle, follow_logs
 from launcher.backends.local import free_port, run_state
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
@@ -225,6 +225,14 @@ class DeepSpeedBackend:
         return "CANCELLED" if (run_dir / CANCEL_FILE).is_file() else "FAILED"
 
     def logs(self, job_id: str, run_dir: Path | None = None, follow: bool = False) -> str:
+        if follow and run_dir is not None:
+            log = run_dir / LOG_FILE
+            follow_logs(
+                lambda: [("launcher", log)] if log.is_file() else [],
+                lambda: self.status(job_id, run_dir) not in ("PENDING", "RUNNING"),
+                1.0,
+            )
+            return ""
         for name in (LOG_FILE, "metrics.jsonl"):
             path = run_dir / name if run_dir else None
             if path and path.is_file():

@@ -40,6 +40,10 @@ class LocalBackend:
         run_dir = Path(plan.run_dir)
         if plan.nodes > 1:
             raise BackendError("the local backend runs on one node; use slurm or deepspeed for several")
+        if not wait:
+            raise BackendError(
+                "the local backend runs in the foreground: use flotilla run (or --backend deepspeed)"
+            )
         if plan.world_size == 1:
             from launcher.train import run_training
 

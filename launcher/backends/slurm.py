@@ -12,13 +12,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 
-from launcher.backends.base import RunHandle, write_job_record
+from launcher.backends.base import RunHandle, follow_logs, write_job_record
 from launcher.errors import BackendError
 from launcher.plan import Plan
 from launcher.slurm_script import render_script
@@ -129,24 +128,12 @@ class SlurmBackend:
                 f"==> {label}: {path} <==\n{path.read_text(errors='replace')}\n"
                 for label, path in log_files(job_id, run_dir)
             )
-        offsets: dict[Path, int] = {}
-        current: Path | None = None
-        while True:
-            final = self.status(job_id, run_dir) in FINAL_STATES
-            for label, path in log_files(job_id, run_dir):
-                with path.open("rb") as handle:
-                    handle.seek(offsets.get(path, 0))
-                    chunk = handle.read()
-                if chunk:
-                    offsets[path] = offsets.get(path, 0) + len(chunk)
-                    if path != current:
-                        sys.stdout.write(f"==> {label}: {path} <==\n")
-                        current = path
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-            if final:
-                return ""
-            time.sleep(POLL_SECONDS / 2)
+        follow_logs(
+            lambda: log_files(job_id, run_dir),
+            lambda: self.status(job_id, run_dir) in FINAL_STATES,
+            POLL_SECONDS / 2,
+        )
+        return ""
 
     def cancel(self, job_id: str, run_dir: Path | None = None) -> None:
         state = self.status(job_id, run_dir)
