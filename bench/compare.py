@@ -651,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Flotilla vs the plain Hugging Face baseline")
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (1 repeat, tiny sizes)")
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
+    parser.add_argument("--throughput-batch", type=int, help="override the batch of the tokens/s measure")
     parser.add_argument("--only", nargs="+", choices=["packing", "throughput", "steps", "memory"])
     parser.add_argument(
         "--group-by-length", action="store_true", help="also measure data.group_by_length (padding)"
@@ -668,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.repeats:
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
+    if args.throughput_batch:
+        rows = max(sizes.throughput_rows, 2 * args.throughput_batch)  # two optimizer steps per epoch
+        sizes = Sizes(**{**asdict(sizes), "throughput_batch": args.throughput_batch, "throughput_rows": rows})
     wanted = set(args.only or ["packing", "throughput", "steps", "memory"])
 
     import torch

@@ -91,3 +91,22 @@ def tiny_job(model_dir: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+def assert_adapter_reloads_equal(base: Path, run_dir: Path) -> dict[str, Any]:
+    """The run's saved adapter is non-empty, PeftModel reloads it onto ``base`` with every tensor
+    equal, and LoRA B moved away from its zero init; returns the saved tensors."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run_dir / "adapter")
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    live = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert saved and len(live) == len(saved)
+    for key, tensor in saved.items():
+        assert tensor.numel() > 0
+        assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor), key
+    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+    return saved

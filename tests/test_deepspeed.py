@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from launcher.backends.deepspeed import launcher_command, write_hostfile
 from launcher.plan import Plan
-from tests.conftest import QUIET_ENV, REPO, flotilla, tiny_job
+from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
 
 ZERO3 = {"backend": "deepspeed", "processes_per_node": 2, "zero": {"stage": 3}}
 RANK = 4  # tiny_job's LoRA rank
@@ -53,26 +52,19 @@ def run_job(tmp_path: Path, write_spec: Any, model_dir: Path, name: str, **secti
 
 def assert_learned_and_adapter_reloads(run_dir: Path, base: Path) -> None:
     """Loss went down; the adapter is non-empty, full-shaped, and PeftModel reloads it equal."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     logged = losses(run_dir)
     assert logged[max(logged)] < logged[min(logged)]
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    saved = assert_adapter_reloads_equal(base, run_dir)
     reference = AutoModelForCausalLM.from_pretrained(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run_dir / "adapter")
-    live = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert saved and len(live) == len(saved)
     for key, tensor in saved.items():
-        assert tensor.numel() > 0
         layer = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
         linear = reference.get_submodule(layer)
         expected = (RANK, linear.in_features) if "lora_A" in key else (linear.out_features, RANK)
         assert tuple(tensor.shape) == expected, key
-        assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor)
-    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
 
 
 @pytest.fixture(scope="module")

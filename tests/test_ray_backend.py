@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from launcher.backends.local import free_port
 from launcher.backends.ray import RayHead
 from launcher.errors import BAD_INPUT_EXIT_CODE
-from tests.conftest import DATA, QUIET_ENV, REPO, flotilla, tiny_job
+from tests.conftest import DATA, QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
 
 pytest.importorskip("ray.train")
 
@@ -90,16 +89,7 @@ def test_two_workers_learn_and_save_a_verified_adapter(
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     assert "checkpoints/checkpoint-8" in snapshot  # Ray tracks the run dir's own checkpoints
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "adapter")
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert saved and len(loaded) == len(saved)
-    for name, tensor in saved.items():
-        assert torch.equal(loaded[name.replace(".weight", ".default.weight")].detach(), tensor)
-    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+    assert_adapter_reloads_equal(tiny_llama, run_dir)
 
 
 def test_zero2_inside_ray_workers_learns_and_saves_a_verified_adapter(

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from tests.conftest import REPO, flotilla, tiny_job
+from tests.conftest import REPO, assert_adapter_reloads_equal, flotilla, tiny_job
 from tests.slurm_cluster import SlurmCluster
 
 STEPS = 16
@@ -210,16 +208,7 @@ def test_two_node_job_trains_and_reports(reference: Submitted, tiny_llama: Path)
     assert sorted(steps) == list(range(1, STEPS + 1))
     assert steps[STEPS] < steps[1]
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run_dir / "adapter")
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    live = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert saved and len(saved) == len(live)
-    for name, tensor in saved.items():
-        assert torch.equal(live[name.replace(".weight", ".default.weight")].detach(), tensor)
-    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+    assert_adapter_reloads_equal(tiny_llama, run_dir)
 
     # status / logs by run directory and by bare job id.
     assert status(reference) == "SUCCEEDED" and status(reference, reference.job_id) == "SUCCEEDED"

@@ -10,11 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
 from launcher.errors import REQUEUE_EXIT_CODE
-from tests.conftest import QUIET_ENV, REPO, flotilla, tiny_job
+from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
 
 
 def only_run_dir(root: Path) -> Path:
@@ -41,18 +38,7 @@ def test_tiny_run_learns_and_saves_a_reloadable_adapter(tiny_llama: Path, tmp_pa
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["seed"] == 7 and "torch" in manifest["packages"] and manifest["data_fingerprints"]
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert saved and len(loaded) == len(saved)
-    for name, tensor in saved.items():
-        live = loaded[name.replace(".weight", ".default.weight")]
-        assert torch.equal(live.detach(), tensor)
-    assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
+    assert_adapter_reloads_equal(tiny_llama, run_dir)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_path: Path, write_spec) -> None:
