@@ -64,6 +64,19 @@ def flotilla(
     )
 
 
+def start_flotilla(*args: str, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen[str]:
+    """Start the real ``flotilla`` CLI in the background (output discarded unless ``stdout=`` says)."""
+    popen.setdefault("stdout", subprocess.DEVNULL)
+    popen.setdefault("stderr", subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO), **(env or {})},
+        text=True,
+        **popen,
+    )
+
+
 def tiny_job(model_dir: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]:
     """A small causal-LM job on the shipped instruction data, for fast end-to-end tests."""
     spec: dict[str, Any] = {

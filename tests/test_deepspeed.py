@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 
 from launcher.backends.deepspeed import launcher_command, write_hostfile
 from launcher.plan import Plan
-from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
+from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, start_flotilla, tiny_job
 
 ZERO3 = {"backend": "deepspeed", "processes_per_node": 2, "zero": {"stage": 3}}
 RANK = 4  # tiny_job's LoRA rank
@@ -129,14 +128,7 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
     zero3_reference: Path, tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
     spec = write_spec(tiny_job(tiny_llama, tmp_path, resources=ZERO3, train=STEPS))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "run", str(spec)],
-        cwd=REPO,
-        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = start_flotilla("run", str(spec), start_new_session=True)
     deadline = time.time() + 400
     sealed = tmp_path / "runs" / "tiny"
     while time.time() < deadline and not list(

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +22,13 @@ from safetensors.torch import load_file
 from launcher.backends.local import free_port
 from launcher.backends.ray import RayHead
 from launcher.errors import BAD_INPUT_EXIT_CODE
-from tests.conftest import DATA, QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
+from tests.conftest import (
+    DATA,
+    assert_adapter_reloads_equal,
+    flotilla,
+    start_flotilla,
+    tiny_job,
+)
 
 pytest.importorskip("ray.train")
 
@@ -118,13 +123,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     spec = write_spec(ray_job(tiny_llama, tmp_path, ray_head.address, train=train))
     log = tmp_path / "run.log"
     with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "run", str(spec)],
-            cwd=REPO,
-            env={**os.environ, **QUIET_ENV, **WIDE, "PYTHONPATH": str(REPO)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = start_flotilla("run", str(spec), env=WIDE, stdout=out, stderr=subprocess.STDOUT)
     try:
         root = tmp_path / "runs" / "tiny"
         wait_for(

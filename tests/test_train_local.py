@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from launcher.errors import REQUEUE_EXIT_CODE
-from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, tiny_job
+from tests.conftest import assert_adapter_reloads_equal, flotilla, start_flotilla, tiny_job
 
 
 def only_run_dir(root: Path) -> Path:
@@ -48,13 +45,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
     reference = logged_losses(only_run_dir(tmp_path / "ref" / "runs"))
 
     spec = write_spec(tiny_job(tiny_llama, tmp_path / "killed", train=steps), "killed.yaml")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "run", str(spec)],
-        cwd=REPO,
-        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_flotilla("run", str(spec))
     root = tmp_path / "killed" / "runs" / "tiny"
     deadline = time.time() + 300
     while time.time() < deadline and not list(
@@ -77,13 +68,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(
     tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
     spec = write_spec(tiny_job(tiny_llama, tmp_path, train={"max_steps": 400, "save_steps": 1000}))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "run", str(spec)],
-        cwd=REPO,
-        env={**os.environ, **QUIET_ENV, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_flotilla("run", str(spec))
     root = tmp_path / "runs" / "tiny"
     deadline = time.time() + 300
     while time.time() < deadline and not list(root.glob("*/metrics.jsonl")):
