@@ -25,7 +25,7 @@ from typing import Literal
 from rich.console import Console
 
 from launcher.backends.base import RunHandle, follow_logs
-from launcher.backends.local import free_port, run_state
+from launcher.backends.local import free_port, run_state, torchrun_command
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
 
@@ -95,22 +95,6 @@ def _local_devices(plan: Plan) -> list[str]:
             )
         return []  # DeepSpeed turns CUDA_VISIBLE_DEVICES into --include localhost:<ids>
     return ["--num_nodes=1", f"--num_gpus={plan.processes_per_node}"]
-
-
-def torchrun_command(plan: Plan, master_port: int, module: str = "launcher.worker") -> list[str]:
-    """``torchrun`` on one node (``resources.launcher: torchrun``)."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={plan.processes_per_node}",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={master_port}",
-        "-m",
-        module,
-        plan.run_dir,
-    ]
 
 
 def render_shell(command: list[str]) -> str:

@@ -31,6 +31,22 @@ def run_state(run_dir: Path) -> str:
     return "PENDING" if (run_dir / "plan.json").is_file() else "UNKNOWN"
 
 
+def torchrun_command(plan: Plan, master_port: int) -> list[str]:
+    """``torchrun`` with the plan's processes on one node, rendezvous on loopback."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={plan.processes_per_node}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={master_port}",
+        "-m",
+        "launcher.worker",
+        plan.run_dir,
+    ]
+
+
 class LocalBackend:
     """One machine: in-process for one rank, ``torchrun`` on loopback for several."""
 
@@ -50,18 +66,7 @@ class LocalBackend:
             outcome = run_training(run_dir, console)
             return RunHandle(self.name, run_dir, exit_code=REQUEUE_EXIT_CODE if outcome.interrupted else 0)
         port = plan.spec["resources"].get("master_port") or free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={plan.processes_per_node}",
-            "--nnodes=1",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            "-m",
-            "launcher.worker",
-            str(run_dir),
-        ]
+        command = torchrun_command(plan, port)
         console.print(f"launching {plan.world_size} processes on 127.0.0.1:{port}")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         code = subprocess.run(command, env=env, check=False).returncode
