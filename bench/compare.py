@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from launcher.rundir import read_jsonl
+
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "baseline_hf.py"
 LENGTHS_DATA = REPO / "configs" / "data" / "realistic_lengths.jsonl"
@@ -172,10 +174,6 @@ def run_process(label: str, command: list[str], workspace: Workspace) -> tuple[R
     return run, log
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_flotilla(label: str, spec: dict[str, Any], workspace: Workspace) -> Run:
     """``flotilla run spec.yaml`` in a fresh process; records from the run's metrics.jsonl."""
     name = workspace.next_name(label)
@@ -258,7 +256,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def encode(tokenizer: Any, row: dict[str, str], max_length: int) -> dict[str, Any]:
     """Flotilla's encoding of an instruction row (the train core uses the same function)."""
-    from launcher.data_format import encode_row
+    from launcher.data.encode import encode_row
 
     return encode_row(row, tokenizer, max_length)
 
@@ -391,9 +389,9 @@ def packing_check(tokenizer: Any) -> dict[str, Any]:
     """
     import torch
 
-    from launcher.spec import JobSpec
-    from launcher.train import build_model
-    from launcher.trainer import BatchCollator
+    from launcher.spec.models import JobSpec
+    from launcher.train.core import build_model
+    from launcher.train.trainer import BatchCollator
 
     spec = JobSpec.model_validate(
         {
@@ -633,8 +631,8 @@ def print_table(comparisons: list[Comparison]) -> None:
 
 def make_workspace(keep: Path | None, threads: int) -> Workspace:
     """A scratch folder, the model folder both sides load, and the environment of every run."""
-    from launcher.model import loadable_source
-    from launcher.spec import ModelSpec
+    from launcher.model.load import loadable_source
+    from launcher.spec.models import ModelSpec
 
     root = keep or Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -676,8 +674,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from launcher.model import load_tokenizer
-    from launcher.spec import ModelSpec
+    from launcher.model.load import load_tokenizer
+    from launcher.spec.models import ModelSpec
 
     started = time.time()
     load_before = os.getloadavg()

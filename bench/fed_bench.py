@@ -40,8 +40,8 @@ def adapter_and_full_size(seed: int) -> tuple[dict[str, Any], int, int]:
     import torch
     from peft import get_peft_model_state_dict
 
-    from launcher.model import apply_peft, load_model
-    from launcher.spec import ModelSpec, PeftSpec
+    from launcher.model.load import apply_peft, load_model
+    from launcher.spec.models import ModelSpec, PeftSpec
 
     torch.manual_seed(seed)
     base = load_model(ModelSpec(path=MODEL_ALIAS))
@@ -124,7 +124,7 @@ def aggregation_times(
     reference: dict[str, np.ndarray], sites: int, repeats: int, seed: int
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds to validate and aggregate ``sites`` updates of the reference adapter's shape."""
-    from federated.aggregation import Update, fedavg, lora_product_average, validate_updates
+    from federated.strategy.aggregation import Update, fedavg, lora_product_average, validate_updates
 
     rng = np.random.default_rng(seed)
     updates = [

@@ -30,9 +30,9 @@ def train_and_evaluate(job: Path, overrides: list[str]) -> dict[str, float]:
     """Train a job spec through the train core and evaluate it on the shared validation set."""
     from rich.console import Console
 
-    from launcher.evaluate import evaluate_target
-    from launcher.jobs import prepare_run
-    from launcher.train import run_training
+    from launcher.plan.jobs import prepare_run
+    from launcher.train.core import run_training
+    from launcher.train.evaluate import evaluate_target
 
     prepared = prepare_run(job, overrides)
     run_training(prepared.run_dir, Console(stderr=True, quiet=True))
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
+    from federated.ops.simulation import simulate
     from federated.rounds import RoundStore
-    from federated.simulation import simulate
     from federated.spec import load_federation
 
     out = Path(tempfile.mkdtemp(prefix="flotilla-fed-quality-"))

@@ -49,8 +49,8 @@ def build_model(folder: Path, size: str) -> int:
     """Save a random Llama of ``size`` with SmolLM2's tokenizer into ``folder``; its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher.model import load_tokenizer
-    from launcher.spec import ModelSpec
+    from launcher.model.load import load_tokenizer
+    from launcher.spec.models import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec(path="smollm2-135m-instruct"))
     hidden, intermediate, layers, heads, kv_heads = SIZES[size]
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run on a GPU machine, or --device cpu for a smoke run")
 
-    from launcher.model import load_tokenizer
-    from launcher.spec import ModelSpec
+    from launcher.model.load import load_tokenizer
+    from launcher.spec.models import ModelSpec
 
     workspace = make_workspace(args.workdir, threads=torch.get_num_threads())
     model_dir = workspace.root / f"llama-{args.size}"

@@ -36,9 +36,9 @@ def zero_spec(data: Path, length: int, stage: int, checkpointing: bool, steps: i
 
 def estimated_gib(spec: dict[str, Any]) -> float:
     """``flotilla plan``'s per-GPU estimate of the same setup (bf16 on a GPU)."""
-    from launcher.fit import setup_for_spec, shape_for_spec
-    from launcher.memory import GIB, estimate
-    from launcher.spec import JobSpec
+    from launcher.plan.fit import setup_for_spec, shape_for_spec
+    from launcher.plan.memory import GIB, estimate
+    from launcher.spec.models import JobSpec
 
     job = JobSpec.model_validate({**spec, "name": "estimate"})
     shape = shape_for_spec(job)
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep runs and logs here (default: a temp folder)")
     args = parser.parse_args(argv)
 
-    from launcher.model import load_tokenizer
-    from launcher.spec import ModelSpec
+    from launcher.model.load import load_tokenizer
+    from launcher.spec.models import ModelSpec
 
     workspace = make_workspace(args.workdir, threads=1)
     tokenizer = load_tokenizer(ModelSpec(path="smollm2-135m-instruct"))

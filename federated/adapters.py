@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from launcher.checkpoint import save_verified
 from launcher.model import apply_peft, load_model, load_tokenizer
 from launcher.spec import ModelSpec, PeftSpec
+from launcher.train import save_verified
 
 Arrays = dict[str, np.ndarray]
 

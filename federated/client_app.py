@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from federated.adapters import from_record, to_record
-from federated.local_round import RoundOrder, train_local_round
-from federated.privacy import site_privacy_mod
+from federated.strategy import site_privacy_mod
+from federated.task import RoundOrder, train_local_round
 
 #: Node-config keys a deployed SuperNode carries.
 NODE_SITE, NODE_JOB, NODE_WORK_DIR = "site", "job", "work-dir"

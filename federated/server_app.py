@@ -22,16 +22,25 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log  # Flower's logger: shown in simulation and by `flwr log`
 
 from federated.adapters import GlobalModel, from_record, record_bytes, to_record
-from federated.aggregation import Rejection, Update, validate_updates
-from federated.deploy import site_names
-from federated.privacy import DP_CLIPPING_KEY, SECAGG_RECORD, secagg_round
 from federated.rounds import RoundStore
+from federated.sites import site_names, wait_for_sites
 from federated.spec import FederationSpec
-from federated.strategies import build_strategy, restore_state, strategy_state
+from federated.strategy import (
+    DP_CLIPPING_KEY,
+    SECAGG_RECORD,
+    Rejection,
+    Update,
+    build_strategy,
+    restore_state,
+    secagg_round,
+    strategy_state,
+    validate_updates,
+)
 from launcher.atomic import write_json_atomic
 from launcher.errors import FlotillaError
 from launcher.plan import build_plan
 from launcher.spec import JobSpec
+from launcher.train import evaluate_target
 
 #: Run-config keys the deployed ServerApp reads (``flotilla fed server`` sets them).
 RUN_CONFIG_SPEC = "federation"
@@ -112,10 +121,7 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
 def _wait_for_start_sites(grid: Grid, fed: FederationSpec) -> None:
     """Before the first round, wait up to ``round_timeout`` for ``start_sites`` connected sites."""
     wanted = fed.start_sites or fed.min_sites
-    deadline = time.time() + fed.round_timeout
-    while len(list(grid.get_node_ids())) < wanted and time.time() < deadline:
-        time.sleep(1.0)
-    connected = len(list(grid.get_node_ids()))
+    connected = wait_for_sites(lambda: len(list(grid.get_node_ids())), wanted, fed.round_timeout)
     if connected < wanted:
         log(
             WARNING,
@@ -342,8 +348,6 @@ def _server_eval(fed: FederationSpec, store: RoundStore, server_round: int) -> d
     """Metrics of the round's global adapter on the server's held-out file (if the spec names one)."""
     if not fed.evaluation.data:
         return {}
-    from launcher.evaluate import evaluate_target
-
     metrics = evaluate_target(
         store.adapter_dir(server_round), fed.evaluation.data, _eval_format(fed), fed.evaluation.batch_size
     )

@@ -8,19 +8,26 @@ job spec (whose data never leaves the site).
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field
 
 from launcher.errors import SpecError
-from launcher.spec import DataFormat, Fraction, ModelSpec, NonNegativeInt, PeftSpec, PositiveInt, Section
-from launcher.spec_load import apply_override, parse_yaml
+from launcher.spec import (
+    DataFormat,
+    Fraction,
+    ModelSpec,
+    NonNegativeInt,
+    PeftSpec,
+    PositiveInt,
+    Section,
+    load_yaml_model,
+    resolve_path,
+)
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "median", "trimmed_mean", "krum", "lora_product")
 #: Strategies that only need the (weighted) sum of the updates: the ones SecAgg+ can serve.
 SUM_STRATEGIES = ("fedavg", "fedprox")
 
@@ -180,98 +187,26 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
 
 def load_federation(path: Path, overrides: list[str] | None = None) -> FederationSpec:
     """Load, override, validate a federation spec and make its local paths absolute."""
-    spec = _load(path, overrides or [], FederationSpec, federation_problems)
-    spec.model.path = _model_path(spec.model.path, path)
-    spec.sites = {name: _absolute(job, path) for name, job in spec.sites.items()}
+    spec = load_yaml_model(FederationSpec, path, overrides or [], [federation_problems])
+    spec.model.path = resolve_path(spec.model.path, path)
+    spec.sites = {name: resolve_path(job, path, absolute=True) for name, job in spec.sites.items()}
     if spec.evaluation.data:
-        spec.evaluation.data = _absolute(spec.evaluation.data, path)
-    spec.server.keys = _absolute(spec.server.keys, path)
-    spec.server.enroll = [_absolute(key, path) for key in spec.server.enroll]
-    spec.output = _absolute(spec.output, path)
+        spec.evaluation.data = resolve_path(spec.evaluation.data, path, absolute=True)
+    spec.server.keys = resolve_path(spec.server.keys, path, absolute=True)
+    spec.server.enroll = [resolve_path(key, path, absolute=True) for key in spec.server.enroll]
+    spec.output = resolve_path(spec.output, path, absolute=True)
     return spec
 
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteSpec:
     """Load and validate a site spec, with its local paths made absolute."""
-    site = _load(path, overrides or [], SiteSpec, lambda _: [])
-    site.job = _absolute(site.job, path)
-    site.work_dir = _absolute(site.work_dir, path)
+    site = load_yaml_model(SiteSpec, path, overrides or [], [])
+    site.job = resolve_path(site.job, path, absolute=True)
+    site.work_dir = resolve_path(site.work_dir, path, absolute=True)
     if site.ca_cert:
-        site.ca_cert = _absolute(site.ca_cert, path)
+        site.ca_cert = resolve_path(site.ca_cert, path, absolute=True)
     if site.private_key:
-        site.private_key = _absolute(site.private_key, path)
+        site.private_key = resolve_path(site.private_key, path, absolute=True)
     if not site.insecure and not (site.ca_cert and site.private_key):
         raise SpecError(str(path), ["ca_cert and private_key are required unless insecure: true"])
     return site
-
-
-def _load(path: Path, overrides: list[str], model: type[BaseModel], rules: Any) -> Any:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(str(path), [f"cannot read the file: {exc}"]) from None
-    data, lines = parse_yaml(text, str(path))
-    problems = [p for p in (apply_override(data, o) for o in overrides) if p]
-    if problems:
-        raise SpecError(str(path), problems)
-    try:
-        spec = model.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(str(path), [_describe(err, lines, model) for err in exc.errors()]) from None
-    cross = rules(spec)
-    if cross:
-        raise SpecError(str(path), [_where(tuple(k.split(".")), lines) + f"{k}: {m}" for k, m in cross])
-    return spec
-
-
-def _describe(error: Any, lines: dict[tuple[Any, ...], int], model: type[BaseModel]) -> str:
-    location = tuple(part for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
-    key = ".".join(str(part) for part in location) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed(model, location[:-1])
-        hint = difflib.get_close_matches(str(location[-1]), allowed, n=1)
-        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
-        return f"{_where(location, lines)}{key}: unknown key{suggestion} (allowed: {', '.join(allowed)})"
-    if error["type"] == "missing":
-        return f"{_where(location, lines)}{key}: required key is missing"
-    return f"{_where(location, lines)}{key}: {error.get('input')!r} is not allowed: {error['msg']}"
-
-
-def _where(location: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> str:
-    for end in range(len(location), 0, -1):
-        if location[:end] in lines:
-            return f"line {lines[location[:end]]}: "
-    return ""
-
-
-def _allowed(model: type[BaseModel], location: tuple[Any, ...]) -> list[str]:
-    current: Any = model
-    for part in location:
-        field = current.model_fields.get(part) if isinstance(current, type) else None
-        annotation = field.annotation if field else None
-        current = next((a for a in (annotation, *getattr(annotation, "__args__", ())) if _is_model(a)), None)
-        if current is None:
-            return []
-    return sorted(current.model_fields)
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _absolute(value: str, spec_file: Path) -> str:
-    """A local path made absolute: found under the CWD, else under the spec's folder, else CWD-relative."""
-    if Path(value).is_absolute():
-        return value
-    for base in (Path.cwd(), Path(spec_file).resolve().parent):
-        if (base / value).exists():
-            return str((base / value).resolve())
-    return str((Path.cwd() / value).resolve())
-
-
-def _model_path(value: str, spec_file: Path) -> str:
-    """The model path made absolute when it names a local folder or file; aliases and hub ids unchanged."""
-    for base in (Path.cwd(), Path(spec_file).resolve().parent):
-        if not Path(value).is_absolute() and (base / value).exists():
-            return str((base / value).resolve())
-    return value

@@ -6,25 +6,40 @@ Thin: parses arguments, calls the layers below, prints. Bad input ends with a me
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from launcher.backends import find_job, get_backend, write_job_record
 from launcher.errors import BAD_INPUT_EXIT_CODE, FlotillaError
-
-if TYPE_CHECKING:
-    from launcher.spec import JobSpec
+from launcher.plan import (
+    build_plan,
+    cheapest_fit,
+    estimate,
+    format_bytes,
+    load_job,
+    parse_size,
+    prepare_run,
+    reopen_run,
+    setup_for_spec,
+    shape_for_spec,
+    usable_bytes,
+    with_backend,
+)
+from launcher.spec import JobSpec, guardrail_warnings
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+#: Entry-point group of sub-commands contributed by other packages: ``add_commands(sub, COMMANDS)``.
+PLUGIN_GROUP = "flotilla.commands"
 
 
 def command(
@@ -41,8 +56,6 @@ def command(
 
 @command("validate")
 def cmd_validate(args: argparse.Namespace) -> int:
-    from launcher.jobs import load_job
-    from launcher.spec_rules import guardrail_warnings
 
     spec = load_job(Path(args.spec), args.overrides)
     for warning in guardrail_warnings(spec):
@@ -53,9 +66,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 @command("plan")
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.jobs import load_job
-    from launcher.plan import build_plan
-    from launcher.spec_rules import guardrail_warnings
 
     spec = load_job(Path(args.spec), args.overrides)
     plan = build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")
@@ -69,8 +79,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _print_memory(spec: JobSpec, args: argparse.Namespace) -> None:
     """The per-GPU memory estimate of ``spec`` and, with ``--fit``, the cheapest setup that fits."""
-    from launcher.fit import cheapest_fit, setup_for_spec, shape_for_spec, usable_bytes
-    from launcher.memory import estimate, format_bytes, parse_size
 
     try:
         gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory else None
@@ -126,8 +134,6 @@ def _offload_text(optimizer: bool, params: bool) -> str:
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.backends.base import get_backend
-    from launcher.jobs import prepare_run, reopen_run
 
     if args.resume:
         prepared = reopen_run(Path(args.resume))
@@ -152,8 +158,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 @command("submit")
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launcher.backends.base import get_backend, write_job_record
-    from launcher.jobs import prepare_run
 
     if args.dry_run:
         return _dry_run(args)
@@ -166,9 +170,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    from launcher.backends.base import get_backend
-    from launcher.jobs import load_job, with_backend
-    from launcher.plan import build_plan
 
     spec = load_job(Path(args.spec), with_backend(args.overrides, args.backend))
     backend = get_backend(spec.resources.backend)
@@ -186,7 +187,6 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 @command("status")
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher.backends.base import find_job
 
     backend, job_id, run_dir = find_job(args.job, args.backend)
     out.print(backend.status(job_id, run_dir))
@@ -195,7 +195,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @command("logs")
 def cmd_logs(args: argparse.Namespace) -> int:
-    from launcher.backends.base import find_job
 
     backend, job_id, run_dir = find_job(args.job, args.backend)
     out.print(
@@ -206,7 +205,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 @command("cancel")
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from launcher.backends.base import find_job
 
     backend, job_id, run_dir = find_job(args.job, args.backend)
     backend.cancel(job_id, run_dir)
@@ -216,7 +214,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
-    from launcher.evaluate import evaluate_target
+    from launcher.train import evaluate_target  # torch and transformers: only for this command
 
     metrics = evaluate_target(Path(args.target), args.data, args.format, args.batch_size, args.generate)
     table = Table(title=f"{args.target} on {args.data}")
@@ -232,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
-    from launcher.report import write_report
+    from launcher.train import write_report  # the train layer imports torch: only for this command
 
     print_summary(Path(args.run_dir))
     out.print(f"report: {write_report(Path(args.run_dir))}", soft_wrap=True)
@@ -296,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             p.add_argument("-f", "--follow", action="store_true")
 
-    _add_federated_commands(sub)
+    _add_plugin_commands(sub)
 
     p = sub.add_parser("eval", help="task metrics of a run or adapter on a dataset")
     p.add_argument("target", help="run directory or adapter folder")
@@ -313,13 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_federated_commands(sub: argparse._SubParsersAction) -> None:
-    """``flotilla fed ...``, defined by the federated package when it is importable."""
-    try:
-        from federated.cli import add_commands
-    except ImportError:
-        return
-    add_commands(sub, COMMANDS)
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands other installed packages register under the ``flotilla.commands`` entry-point group
+    (``flotilla fed`` from the federated package): the launcher never imports them by name."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            add_commands = entry.load()
+        except ImportError as exc:
+            console.print(
+                f"[yellow]warning:[/] the {entry.name!r} commands are unavailable: {escape(str(exc))}"
+            )
+            continue
+        add_commands(sub, COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import importlib.metadata
+import json
 import os
 import platform
 import socket
@@ -86,6 +87,43 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}+dirty" if dirty else sha
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file of a run (metrics.jsonl, scheduler events); a missing file has none.
+
+    A torn last line (a writer killed mid-line) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+#: Final events of a scheduler's batch script (slurm-events.jsonl) as Flotilla states.
+FINAL_EVENTS = {"failed": "FAILED", "requeued": "REQUEUED", "stopped": "CANCELLED"}
+
+
+def run_state(run_dir: Path, events: str | None = None) -> str:
+    """A run's state read from its directory, for backends without a scheduler to ask, or whose
+    scheduler has forgotten the job.
+
+    ``summary.json`` means finished. With ``events`` (the batch script's event log), the last event
+    decides, and a run whose script never logged an end is UNKNOWN; without, metrics mean RUNNING and
+    a plan alone PENDING.
+    """
+    if (run_dir / "summary.json").is_file():
+        return "SUCCEEDED"
+    if events is not None:
+        logged = read_jsonl(run_dir / events)
+        return FINAL_EVENTS.get(logged[-1]["event"], "UNKNOWN") if logged else "UNKNOWN"
+    if (run_dir / "metrics.jsonl").is_file():
+        return "RUNNING"
+    return "PENDING" if (run_dir / "plan.json").is_file() else "UNKNOWN"
 
 
 def _user() -> str:

@@ -1,4 +1,4 @@
-"""Unit tests for federated.aggregation (numpy only, no Flower)."""
+"""Unit tests for federated.strategy.aggregation (numpy only, no Flower)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from federated.aggregation import (
+from federated.strategy.aggregation import (
     Update,
     fedavg,
     lora_pairs,

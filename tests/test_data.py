@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.data import prepare_data
-from launcher.data_format import IGNORE_INDEX, encode_row
-from launcher.data_load import read_source
+from launcher.data.encode import IGNORE_INDEX, encode_row
+from launcher.data.prepare import prepare_data
+from launcher.data.read import read_source
 from launcher.errors import DataError
-from launcher.model import load_tokenizer
-from launcher.spec import DataSpec, FieldMap, ModelSpec
+from launcher.model.load import load_tokenizer
+from launcher.spec.models import DataSpec, FieldMap, ModelSpec
 from tests.conftest import DATA
 
 

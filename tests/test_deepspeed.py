@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from launcher.backends.deepspeed import launcher_command, write_hostfile
-from launcher.plan import Plan
+from launcher.backends.commands import launcher_command, write_hostfile
+from launcher.plan.plan import Plan
 from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, start_flotilla, tiny_job
 
 ZERO3 = {"backend": "deepspeed", "processes_per_node": 2, "zero": {"stage": 3}}
@@ -157,7 +157,7 @@ def test_per_node_launchers_form_one_job_across_two_nodes(
     """The Slurm path: one DeepSpeed launcher per node, node rank from $SLURM_NODEID (here 2 on loopback)."""
     two_nodes = {"backend": "deepspeed", "nodes": 2, "processes_per_node": 1, "zero": {"stage": 3}}
     spec = write_spec(tiny_job(tiny_llama, tmp_path, resources=two_nodes, train={"max_steps": 3}))
-    from launcher.jobs import prepare_run
+    from launcher.plan.jobs import prepare_run
 
     prepared = prepare_run(spec, [])
     plan: Plan = prepared.plan
@@ -213,7 +213,7 @@ def test_real_smollm2_zero3_lora_run(tmp_path: Path, write_spec) -> None:
 
 
 def _free_port() -> int:
-    from launcher.backends.local import free_port
+    from launcher.backends.commands import free_port
 
     return free_port()
 

@@ -15,12 +15,17 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.backends.deepspeed import BACKEND, launcher_command, read_hostfile, render_shell, write_hostfile
-from launcher.backends.local import free_port
-from launcher.deepspeed_config import override_problems
+from launcher.backends.commands import (
+    free_port,
+    launcher_command,
+    read_hostfile,
+    render_shell,
+    write_hostfile,
+)
+from launcher.backends.deepspeed import BACKEND
 from launcher.errors import BackendError, SpecError
-from launcher.plan import build_plan
-from launcher.spec_load import validate_spec
+from launcher.plan import build_plan, validate_job
+from launcher.plan.deepspeed import override_problems
 from tests.conftest import QUIET_ENV, REPO, flotilla
 
 BASE: dict[str, Any] = {
@@ -40,12 +45,12 @@ def spec_with(**resources: Any) -> dict[str, Any]:
 
 def problems_of(spec: dict[str, Any]) -> str:
     with pytest.raises(SpecError) as caught:
-        validate_spec(spec, "job.yaml", [])
+        validate_job(spec, "job.yaml", [])
     return str(caught.value)
 
 
 def plan_of(spec: dict[str, Any], run_dir: Path = Path("/runs/ds/1")) -> Any:
-    return build_plan(validate_spec(spec, "job.yaml", []), run_dir, cuda_available=False)
+    return build_plan(validate_job(spec, "job.yaml", []), run_dir, cuda_available=False)
 
 
 def leaves(value: Any) -> list[Any]:
@@ -143,7 +148,7 @@ def test_launcher_commands_for_one_node_a_hostfile_and_slurm(tmp_path: Path) -> 
     local = launcher_command(plan, master_port=29555)
     assert local[1:4] == ["-u", "-m", "deepspeed.launcher.runner"]
     assert {"--num_nodes=1", "--num_gpus=2", "--master_addr=127.0.0.1", "--master_port=29555"} <= set(local)
-    assert local[-4:] == ["--no_local_rank", "--module", "launcher.worker", "/runs/ds/1"]
+    assert local[-4:] == ["--no_local_rank", "--module", "launcher.train", "/runs/ds/1"]
 
     two = plan_of(spec_with(nodes=2, processes_per_node=4, zero={"stage": 2}))
     hosts = write_hostfile(tmp_path / "hosts", ["gpu-a", "gpu-b"], 4)
@@ -172,7 +177,7 @@ def test_several_nodes_need_a_hostfile(monkeypatch: pytest.MonkeyPatch) -> None:
 
 PREFLIGHT = """
 import sys
-from launcher.preflight import PreflightError, preflight
+from launcher.train.preflight import PreflightError, preflight
 try:
     print(preflight("cpu", 1, 3))
 except PreflightError as exc:

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from federated.keys import create_trial_keys, write_node_key
+from federated.ops.keys import create_trial_keys, write_node_key
 from federated.rounds import RoundStore
-from launcher.backends.local import free_port
+from launcher.backends.commands import free_port
+from launcher.processes import process_tree, stop_processes
 from tests.conftest import QUIET_ENV, REPO, tiny_job
 
 Start = Callable[..., subprocess.Popen[str]]
@@ -28,17 +28,7 @@ Start = Callable[..., subprocess.Popen[str]]
 
 def kill_tree(process: subprocess.Popen[str], sig: str = "kill") -> None:
     """Stop a process started by this test and everything it started, by PID."""
-    try:
-        root = psutil.Process(process.pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for member in family:
-        try:
-            member.kill() if sig == "kill" else member.terminate()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(family, timeout=30)
+    stop_processes(process_tree(process.pid), timeout=30, kill=sig == "kill")
     process.wait(timeout=30)
 
 

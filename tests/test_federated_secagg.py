@@ -20,10 +20,10 @@ import yaml
 from flwr.app import Context, Message
 from safetensors.numpy import load_file
 
-from federated.aggregation import Update, fedavg
+from federated.ops.simulation import simulate
 from federated.rounds import RoundStore
-from federated.simulation import simulate
 from federated.spec import load_federation
+from federated.strategy.aggregation import Update, fedavg
 from tests.conftest import tiny_job
 
 SITES = {"site_a": "mixture_math.jsonl", "site_b": "mixture_capitals.jsonl", "site_c": "instructions.jsonl"}

@@ -17,10 +17,10 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 
 from federated.adapters import from_record, to_record
-from federated.aggregation import Update, fedavg
+from federated.ops.simulation import simulate
 from federated.rounds import RoundStore
-from federated.simulation import simulate
 from federated.spec import load_federation
+from federated.strategy.aggregation import Update, fedavg
 from tests.conftest import DATA, REPO
 
 ROUNDS, LOCAL_STEPS = 3, 6
@@ -95,8 +95,8 @@ def test_the_global_adapter_learns_round_after_round(federation: RoundStore) -> 
                 )
     from peft import PeftModel
 
-    from launcher.model import load_model
-    from launcher.spec import ModelSpec
+    from launcher.model.load import load_model
+    from launcher.spec.models import ModelSpec
 
     base = load_model(ModelSpec(path="minilm-l6", task="sequence_classification"), ["negative", "positive"])
     PeftModel.from_pretrained(base, federation.adapter_dir(ROUNDS))  # every round is a PEFT folder
@@ -141,9 +141,9 @@ def test_poisoned_updates_are_rejected_and_never_averaged_in(federation: RoundSt
 def test_the_federated_model_beats_every_local_only_model(federation: RoundStore, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from launcher.evaluate import evaluate_target
-    from launcher.jobs import prepare_run
-    from launcher.train import run_training
+    from launcher.plan.jobs import prepare_run
+    from launcher.train.core import run_training
+    from launcher.train.evaluate import evaluate_target
 
     federated = federation.rows()[-1]["server_eval"]
     local: dict[str, dict[str, float]] = {}

@@ -23,14 +23,14 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from federated import deploy
 from federated.adapters import from_record, to_record
-from federated.aggregation import fedavg, lora_pairs
-from federated.keys import create_trial_keys
-from federated.local_round import ProximalPull, RoundOrder, fit_rank
+from federated.ops import deploy
+from federated.ops.keys import create_trial_keys
 from federated.server_app import round_config, screen
 from federated.spec import load_federation
-from federated.strategies import LoraProductAverage, build_strategy, restore_state, strategy_state
+from federated.strategy.aggregation import fedavg, lora_pairs
+from federated.strategy.strategies import LoraProductAverage, build_strategy, restore_state, strategy_state
+from federated.task import ProximalPull, RoundOrder, fit_rank
 from launcher.errors import FlotillaError, SpecError
 from tests.conftest import REPO
 
@@ -166,7 +166,7 @@ def test_poisoned_updates_are_rejected_and_the_global_adapter_is_unaffected(writ
     assert set(reasons) == {"nan", "shape", "huge"}
     assert "NaN" in reasons["nan"] and "shape" in reasons["shape"] and "norm" in reasons["huge"]
     merged, _ = FedAvg(min_train_nodes=1, min_available_nodes=1).aggregate_train(1, accepted)
-    from federated.aggregation import Update
+    from federated.strategy.aggregation import Update
 
     expected = fedavg([Update(s, a, 10 * (i + 1)) for i, (s, a) in enumerate(honest.items())])
     for key, value in from_record(merged).items():

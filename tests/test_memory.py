@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launcher.fit import cheapest_fit
-from launcher.memory import (
+from launcher.model.load import enable_gradient_checkpointing
+from launcher.plan.fit import cheapest_fit
+from launcher.plan.memory import (
     GIB,
     RESERVED_BYTES,
     ModelShape,
@@ -22,7 +23,6 @@ from launcher.memory import (
     parse_size,
     saved_activation_bytes,
 )
-from launcher.model import enable_gradient_checkpointing
 from tests.conftest import REPO, flotilla
 
 #: SmolLM2-135M's own shape (fully trainable: DeepSpeed's estimators assume a full fine-tune).

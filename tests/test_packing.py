@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.data_format import encode_row
-from launcher.trainer import BatchCollator
+from launcher.data.encode import encode_row
+from launcher.train.trainer import BatchCollator
 
 
 def test_packed_batch_loss_equals_padded_batch_loss(tiny_llama: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from launcher.backends.local import free_port
-from launcher.backends.ray import RayHead
+from launcher.backends.commands import free_port
+from launcher.backends.ray.cluster import RayHead
 from launcher.errors import BAD_INPUT_EXIT_CODE
 from tests.conftest import (
     DATA,
@@ -256,5 +256,5 @@ def test_shipped_ray_config_validates_and_renders_its_ray_job() -> None:
     result = cli("submit", "configs/ray.yaml", "ray.address=http://127.0.0.1:8265", "--dry-run")
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)
-    assert job["entrypoint"].startswith("python -m launcher.ray_train ")
+    assert job["entrypoint"].startswith("python -m launcher.backends.ray.workers ")
     assert job["workers"] == 2 and job["resources_per_worker"] == {"CPU": 1}

@@ -148,7 +148,7 @@ def test_dry_run_prints_the_sbatch_script(tiny_llama: Path, tmp_path: Path) -> N
     words = shlex.split(" ".join(line.removesuffix("\\") for line in lines[start : end + 1]))
     task = words[words.index("-c") + 1]
     assert '--node_rank="$SLURM_NODEID"' in task and '--nnodes="$SLURM_NNODES"' in task
-    assert "--nproc_per_node=1" in task and "-m launcher.worker" in task
+    assert "--nproc_per_node=1" in task and "-m launcher.train" in task
     assert "SIGUSR1" in task  # torchrun passes USR1 on instead of dying of it
     assert 'kill -USR1 "$STEP"' in script  # the batch shell forwards the time-limit signal
     assert "export RUN_DIR=" in script and "export MASTER_ADDR MASTER_PORT" in lines
@@ -298,7 +298,7 @@ def test_deepspeed_launcher_and_a_restart_budget_of_one(
     for node in (0, 1):
         log = (job.run_dir / "logs" / f"node{node}.log").read_text()
         assert f"deepspeed.launcher.runner --hostfile={job.run_dir}/hostfile" in log
-        assert f"--node_rank={node} " in log and f"launcher.worker {job.run_dir}" in log
+        assert f"--node_rank={node} " in log and f"launcher.train {job.run_dir}" in log
     assert "resuming from" in (job.run_dir / "logs" / "node0.log").read_text()
 
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.errors import SpecError
-from launcher.spec_load import load_spec, parse_yaml, validate_spec
-from launcher.spec_rules import guardrail_warnings
+from launcher.spec.load import load_spec, parse_yaml, validate_spec
+from launcher.spec.rules import guardrail_warnings
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"name": "job", "model": {"path": "smollm2-135m-instruct"}, "data": {"train": "x.jsonl"}}

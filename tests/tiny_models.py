@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from launcher.model import load_tokenizer
-from launcher.spec import ModelSpec
+from launcher.model.load import load_tokenizer
+from launcher.spec.models import ModelSpec
 
 
 def build_tiny_llama(folder: Path) -> Path:

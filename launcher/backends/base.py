@@ -54,8 +54,8 @@ class Backend(Protocol):
 BACKEND_MODULES = {
     "local": "launcher.backends.local",
     "deepspeed": "launcher.backends.deepspeed",
-    "ray": "launcher.backends.ray",
-    "slurm": "launcher.backends.slurm",
+    "ray": "launcher.backends.ray.backend",
+    "slurm": "launcher.backends.slurm.backend",
 }
 
 

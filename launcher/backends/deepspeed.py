@@ -13,23 +13,26 @@ Ranks reach each other at a master address and port chosen here and printed befo
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from rich.console import Console
 
 from launcher.backends.base import RunHandle, follow_logs
-from launcher.backends.local import free_port, run_state, torchrun_command
+from launcher.backends.commands import (
+    free_port,
+    launcher_command,
+    read_hostfile,
+    render_shell,
+    torchrun_command,
+)
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
+from launcher.rundir import run_state
 
-RankSource = Literal["local", "hostfile", "slurm"]
 #: Environment variable naming the hostfile of a multi-node run.
 HOSTFILE_ENV = "FLOTILLA_HOSTFILE"
 #: Prefixes of environment variables the pdsh runner forwards to the other nodes.
@@ -37,102 +40,6 @@ FORWARDED_ENV = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "GLOO_"
 LOG_FILE = "launcher.log"
 EXIT_FILE = "launcher.exit"
 CANCEL_FILE = "launcher.cancelled"
-_SHELL_REFERENCE = re.compile(r"^\$(\w+|\{\w+\})$")
-
-
-def launcher_command(
-    plan: Plan,
-    *,
-    rank_source: RankSource = "local",
-    master_addr: str = "127.0.0.1",
-    master_port: int | str,
-    hostfile: Path | None = None,
-    node_rank: str = "$SLURM_NODEID",
-    module: str = "launcher.worker",
-    python: str = sys.executable,
-) -> list[str]:
-    """The DeepSpeed launcher command that starts ``python -m module RUN_DIR`` in every rank.
-
-    ``rank_source`` says how a node learns its place: ``local`` (one node), ``hostfile`` (this
-    machine starts every node over pdsh/ssh; ``hostfile`` required) or ``slurm`` (run once per node,
-    e.g. by ``srun --ntasks-per-node=1``; ``node_rank`` is usually ``$SLURM_NODEID``, and
-    ``master_addr``/``master_port`` may be shell references such as ``$MASTER_ADDR``). For ``slurm``
-    the hostfile only gives the node count and slots; :func:`write_hostfile` writes one.
-    """
-    command = [python, "-u", "-m", "deepspeed.launcher.runner"]
-    if rank_source == "local":
-        command += _local_devices(plan)
-    elif rank_source in ("hostfile", "slurm"):
-        if hostfile is None:
-            raise BackendError(f"rank source {rank_source!r} needs a hostfile")
-        command += [f"--hostfile={hostfile}", f"--num_nodes={plan.nodes}"]
-        if rank_source == "hostfile":
-            command += [f"--num_gpus={plan.processes_per_node}", "--launcher=pdsh"]
-        else:
-            command += ["--no_ssh", f"--node_rank={node_rank}"]
-    else:
-        raise BackendError(f"unknown rank source {rank_source!r}; use local, hostfile or slurm")
-    command += [
-        f"--master_addr={master_addr}",
-        f"--master_port={master_port}",
-        "--no_local_rank",
-        "--module",
-        module,
-        plan.run_dir,
-    ]
-    return command
-
-
-def _local_devices(plan: Plan) -> list[str]:
-    """One node's ranks: ``--num_gpus N``, or DeepSpeed's own reading of ``CUDA_VISIBLE_DEVICES``."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    if plan.device == "cuda" and visible:
-        count = len([d for d in visible.split(",") if d.strip()])
-        if count != plan.processes_per_node:
-            raise BackendError(
-                f"CUDA_VISIBLE_DEVICES={visible} lists {count} GPUs but the plan has "
-                f"{plan.processes_per_node} processes per node; make them agree"
-            )
-        return []  # DeepSpeed turns CUDA_VISIBLE_DEVICES into --include localhost:<ids>
-    return ["--num_nodes=1", f"--num_gpus={plan.processes_per_node}"]
-
-
-def render_shell(command: list[str]) -> str:
-    """``command`` as one shell line; ``$VAR`` references (whole arguments or after ``=``) stay live."""
-    parts = []
-    for arg in command:
-        flag, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        if _SHELL_REFERENCE.match(value):
-            parts.append(f'{flag}{sep}"{value}"')
-        else:
-            parts.append(shlex.quote(arg))
-    return " ".join(parts)
-
-
-def read_hostfile(path: Path) -> list[tuple[str, int]]:
-    """``(host, slots)`` per line of a DeepSpeed/MPI hostfile (``# comments`` and blank lines skipped)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise BackendError(f"cannot read the hostfile {path}: {exc}") from None
-    hosts = []
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", text)
-        if not match:
-            raise BackendError(f"{path}, line {number}: expected 'hostname slots=N', got {line.strip()!r}")
-        hosts.append((match.group(1), int(match.group(2))))
-    if not hosts:
-        raise BackendError(f"{path} lists no hosts")
-    return hosts
-
-
-def write_hostfile(path: Path, hosts: list[str], slots: int) -> Path:
-    """Write a hostfile giving each of ``hosts`` ``slots`` ranks."""
-    path.write_text("".join(f"{host} slots={slots}\n" for host in hosts), encoding="utf-8")
-    return path
 
 
 class DeepSpeedBackend:

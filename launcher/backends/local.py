@@ -3,48 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from launcher.backends.base import RunHandle
+from launcher.backends.commands import free_port, torchrun_command
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def run_state(run_dir: Path) -> str:
-    """A run's state read from its directory (for backends without a scheduler)."""
-    if (run_dir / "summary.json").is_file():
-        return "SUCCEEDED"
-    if (run_dir / "metrics.jsonl").is_file():
-        return "RUNNING"
-    return "PENDING" if (run_dir / "plan.json").is_file() else "UNKNOWN"
-
-
-def torchrun_command(plan: Plan, master_port: int) -> list[str]:
-    """``torchrun`` with the plan's processes on one node, rendezvous on loopback."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={plan.processes_per_node}",
-        "--nnodes=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={master_port}",
-        "-m",
-        "launcher.worker",
-        plan.run_dir,
-    ]
+from launcher.rundir import run_state
 
 
 class LocalBackend:
@@ -61,7 +29,7 @@ class LocalBackend:
                 "the local backend runs in the foreground: use flotilla run (or --backend deepspeed)"
             )
         if plan.world_size == 1:
-            from launcher.train import run_training
+            from launcher.train import run_training  # torch and transformers: only when training here
 
             outcome = run_training(run_dir, console)
             return RunHandle(self.name, run_dir, exit_code=REQUEUE_EXIT_CODE if outcome.interrupted else 0)

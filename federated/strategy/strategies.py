@@ -1,0 +1,128 @@
+"""Server strategies over adapter arrays: Flower's built-ins, a LoRA-aware average, DP, saved state.
+
+Which to use (README strategy guide):
+- ``fedavg``: the default; adapters averaged weighted by each site's number of training examples.
+- ``fedprox``: non-IID sites that drift apart; sites add mu/2 ||w - w_global||^2 to their training.
+- ``fedadam``: server-side Adam on the averaged update; helps when rounds are few and updates noisy.
+- ``median`` / ``trimmed_mean`` / ``krum``: robust to a minority of bad or malicious sites.
+- ``lora_product``: averages the updates B·A themselves (FedAvg averages A and B separately, which is
+  not the average of the updates) and accepts sites with different LoRA ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    Strategy,
+)
+
+from federated.adapters import from_record, to_record
+from federated.spec import FederationSpec
+from federated.strategy.aggregation import Update, lora_product_average
+from federated.strategy.privacy import wrap_with_dp
+
+#: Strategy attributes that carry state from round to round (FedAdam moments, adaptive clip norm).
+STATE_ATTRIBUTES = ("m_t", "v_t", "clipping_norm")
+
+
+class LoraProductAverage(FedAvg):
+    """FedAvg's sampling, with the LoRA-aware average of :func:`lora_product_average`."""
+
+    def __init__(self, rank: int, alpha: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rank = rank
+        self.alpha = alpha
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average B_i·A_i weighted by examples (per site alpha_i/r_i), re-factorized at the global rank."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        updates, scales = [], {}
+        for index, reply in enumerate(valid):
+            metrics = reply.content["metrics"]
+            site = f"{index}:{reply.metadata.src_node_id}"
+            updates.append(Update(site, from_record(reply.content["arrays"]), int(metrics["num-examples"])))
+            scales[site] = float(metrics["lora-alpha"]) / float(metrics["lora-rank"])
+        merged = lora_product_average(updates, self.rank, scales, self.alpha / self.rank)
+        contents = [reply.content for reply in valid]
+        return to_record(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+
+def build_strategy(fed: FederationSpec) -> Strategy:
+    """The strategy the federation spec asks for, DP-wrapped when ``privacy.dp`` is set."""
+    choice = fed.strategy
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": fed.min_sites,
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": fed.min_sites,
+    }
+    strategies: dict[str, Any] = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=choice.proximal_mu),
+        "fedadam": lambda: FedAdam(
+            **common,
+            eta=choice.server_learning_rate,
+            beta_1=choice.beta_1,
+            beta_2=choice.beta_2,
+            tau=choice.tau,
+        ),
+        "median": lambda: FedMedian(**common),
+        "trimmed_mean": lambda: FedTrimmedAvg(**common, beta=choice.trim_fraction),
+        "krum": lambda: Krum(**common, num_malicious_nodes=choice.krum_malicious_sites),
+        "lora_product": lambda: LoraProductAverage(fed.peft.r, fed.peft.alpha, **common),
+    }
+    strategy: Strategy = strategies[choice.name]()
+    if fed.privacy.dp is not None:
+        strategy = wrap_with_dp(strategy, fed.privacy.dp, fed.expected_sites())
+    return strategy
+
+
+def _chain(strategy: Strategy) -> list[Any]:
+    """The strategy and the ones it wraps (DP wrappers keep theirs in ``.strategy``)."""
+    chain: list[Any] = [strategy]
+    while hasattr(chain[-1], "strategy"):
+        chain.append(chain[-1].strategy)
+    return chain
+
+
+def strategy_state(strategy: Strategy) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Round-to-round state: scalars (JSON) and arrays (npz), keyed ``<depth>.<attribute>[.<key>]``."""
+    scalars: dict[str, float] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for depth, part in enumerate(_chain(strategy)):
+        for name in STATE_ATTRIBUTES:
+            value = getattr(part, name, None)
+            if isinstance(value, dict):
+                arrays.update({f"{depth}.{name}.{k}": np.asarray(v) for k, v in value.items()})
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                scalars[f"{depth}.{name}"] = float(value)
+    return scalars, arrays
+
+
+def restore_state(strategy: Strategy, scalars: dict[str, float], arrays: dict[str, np.ndarray]) -> None:
+    """Put back what :func:`strategy_state` saved."""
+    chain = _chain(strategy)
+    for key, value in scalars.items():
+        depth, name = key.split(".", 1)
+        setattr(chain[int(depth)], name, value)
+    grouped: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        depth, name, array_key = key.split(".", 2)
+        grouped.setdefault((int(depth), name), {})[array_key] = value
+    for (depth, name), value in grouped.items():
+        setattr(chain[depth], name, value)

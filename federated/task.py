@@ -1,0 +1,222 @@
+"""One site's part of a round: start the train core from the global adapter on the site's own data.
+
+The site's local job spec is loaded as for ``flotilla run``, with the round's settings applied as
+overrides (local steps or epochs, ``peft.init_from`` = the received global adapter, a per-round seed).
+Training is the unchanged train core (:func:`launcher.train.core.run_training`) in a run directory per round;
+a site whose spec asks for several processes is started through its backend (torchrun / DeepSpeed).
+Only the trained adapter tensors and scalar metrics come back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from safetensors.numpy import load_file, save_file
+from transformers import TrainerCallback
+
+from federated.strategy import Update, lora_pairs, lora_product_average
+from launcher.backends import get_backend
+from launcher.errors import FlotillaError
+from launcher.plan import Plan, build_plan, load_job
+from launcher.spec import JobSpec
+from launcher.train import run_training
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class RoundOrder:
+    """What the server asks of a site this round (from the message's ConfigRecord)."""
+
+    server_round: int
+    steps: int | None = None
+    epochs: float | None = None
+    proximal_mu: float = 0.0
+    global_rank: int = 8
+    global_alpha: float = 16.0
+    labels: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundOrder:
+        """Read the keys the server's strategy put in the train ConfigRecord."""
+        return cls(
+            server_round=int(config["server-round"]),
+            steps=int(config["local-steps"]) if "local-steps" in config else None,
+            epochs=float(config["local-epochs"]) if "local-epochs" in config else None,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            global_rank=int(config["lora-rank"]),
+            global_alpha=float(config["lora-alpha"]),
+            labels=[str(label) for label in config.get("labels", [])],
+            seed=int(config.get("seed", 0)),
+        )
+
+
+@dataclass
+class RoundResult:
+    """The site's reply: adapter arrays (same keys as the global adapter) and scalar metrics."""
+
+    arrays: Arrays
+    metrics: dict[str, float | int]
+    run_dir: Path
+
+
+def train_local_round(
+    job_spec: Path, work_dir: Path, order: RoundOrder, global_arrays: Mapping[str, np.ndarray]
+) -> RoundResult:
+    """Train this site's adapter for one round, starting from ``global_arrays``."""
+    started = time.time()
+    run_dir = work_dir / f"round-{order.server_round:03d}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a retried round starts over from the global adapter it was sent
+    init_dir = run_dir / "global"
+    init_dir.mkdir(parents=True)
+    spec = load_job(job_spec, _overrides(order, init_dir, work_dir))
+    _check_task(spec, order)
+    local_arrays = fit_rank(global_arrays, spec.peft.r, spec.peft.alpha, order, spec.seed)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in local_arrays.items()}, init_dir / "adapter_model.safetensors"
+    )
+
+    plan = build_plan(spec, run_dir)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "plan.json").write_text(plan.to_json(), encoding="utf-8")
+    _train(run_dir, plan.world_size, plan.backend, order, local_arrays)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if spec.model.task == "sequence_classification" and summary.get("labels") != order.labels:
+        raise FlotillaError(
+            f"site labels {summary.get('labels')} differ from the federation's labels {order.labels}: "
+            "every site must see every label (the classification head is shared by index)"
+        )
+    trained = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    ordered = {k: trained[k] for k in global_arrays if k in trained}
+    ordered.update({k: v for k, v in trained.items() if k not in ordered})
+    report = json.loads((run_dir / "data_report.json").read_text())
+    metrics = _metrics(summary, report, spec, time.time() - started)
+    return RoundResult(ordered, metrics, run_dir)
+
+
+def _overrides(order: RoundOrder, init_dir: Path, work_dir: Path) -> list[str]:
+    """The round's settings on top of the site's own job spec."""
+    budget = (
+        [f"train.max_steps={order.steps}"]
+        if order.steps
+        else ["train.max_steps=null", f"train.epochs={order.epochs}"]
+    )
+    return [
+        *budget,
+        f"peft.init_from={init_dir}",
+        f"seed={order.seed + order.server_round}",
+        "eval.at_start=true",
+        "eval.steps=null",
+        "train.early_stopping=null",
+        f"output.dir={work_dir}",
+    ]
+
+
+def _check_task(spec: JobSpec, order: RoundOrder) -> None:
+    if spec.peft.method != "lora":
+        raise FlotillaError("the site's job spec must use peft.method: lora (only adapters are exchanged)")
+    if spec.model.task == "sequence_classification" and not order.labels:
+        raise FlotillaError("the federation did not send label names for a classification task")
+
+
+def fit_rank(
+    global_arrays: Mapping[str, np.ndarray], rank: int, alpha: float, order: RoundOrder, seed: int
+) -> Arrays:
+    """The global adapter at this site's LoRA rank (unchanged when the ranks agree).
+
+    A site with another rank gets the best rank-``rank`` factors of the global update B·A (SVD),
+    rescaled for its ``alpha / rank``. Directions the product does not fill (zero rows of A, e.g. in
+    round 1 where B = 0) get a fresh random A row so that they still learn.
+    """
+    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in global_arrays.items()}
+    if rank == order.global_rank and alpha == order.global_alpha:
+        return arrays
+    refit = lora_product_average(
+        [Update("global", arrays, 1)],
+        rank,
+        scales={"global": order.global_alpha / order.global_rank},
+        out_scale=alpha / rank,
+    )
+    generator = np.random.default_rng(seed)
+    for a_key, _ in lora_pairs(refit).values():
+        a = refit[a_key]
+        bound = 1.0 / np.sqrt(a.shape[1])
+        empty = ~np.any(a, axis=1)
+        a[empty] = generator.uniform(-bound, bound, size=(int(empty.sum()), a.shape[1])).astype(np.float32)
+    return refit
+
+
+class ProximalPull(TrainerCallback):
+    """FedProx: after every optimizer step, w -= lr * mu * (w - w_global) on the adapter weights.
+
+    That is the gradient step of the proximal term mu/2 ||w - w_global||^2, applied decoupled from
+    the task loss (like decoupled weight decay, pulling towards the global adapter instead of zero).
+    """
+
+    def __init__(self, mu: float, anchor: Mapping[str, np.ndarray]) -> None:
+        self.mu = mu
+        self.anchor = {k.removesuffix(".weight"): torch.from_numpy(np.asarray(v)) for k, v in anchor.items()}
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.pairs = []
+        for name, param in model.named_parameters():
+            key = name.replace(".default.", ".").replace(".modules_to_save.", ".").removesuffix(".weight")
+            anchor = self.anchor.get(key) if param.requires_grad else None
+            if anchor is not None and anchor.shape == param.shape:
+                self.pairs.append((param, anchor.to(param.device, param.dtype)))
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any
+    ) -> None:
+        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        with torch.no_grad():
+            for param, anchor in self.pairs:
+                param.sub_(lr * self.mu * (param - anchor))
+
+
+def _train(run_dir: Path, world_size: int, backend: str, order: RoundOrder, anchor: Arrays) -> None:
+    """The train core in this process, or through the backend when the site uses several processes."""
+    console = Console(stderr=True)
+    if world_size == 1:
+        callbacks = [ProximalPull(order.proximal_mu, anchor)] if order.proximal_mu > 0 else []
+        outcome = run_training(run_dir, console, extra_callbacks=callbacks)
+        if outcome.interrupted:
+            raise FlotillaError(f"local training in {run_dir} was interrupted")
+        return
+    if order.proximal_mu > 0:
+        raise FlotillaError("FedProx needs a single-process site (the proximal term runs in-process)")
+    handle = get_backend(backend).launch(Plan.load(run_dir / "plan.json"), console, wait=True)
+    if handle.exit_code:
+        raise FlotillaError(f"local training in {run_dir} ended with exit code {handle.exit_code}")
+
+
+def _metrics(
+    summary: dict[str, Any], report: dict[str, Any], spec: JobSpec, seconds: float
+) -> dict[str, float | int]:
+    """Scalars for the server: examples, losses and task metrics of the global (before) and local adapter."""
+    metrics: dict[str, float | int] = {
+        "num-examples": int(report["train_rows"]),
+        "steps": int(summary["steps"]),
+        "seconds": float(seconds),
+        "lora-rank": int(spec.peft.r),
+        "lora-alpha": float(spec.peft.alpha),
+    }
+    for key, value in summary.get("before", {}).items():
+        metrics[f"global-{key}"] = float(value)
+    for key, value in summary.get("after", {}).items():
+        metrics[key] = float(value)
+    return metrics

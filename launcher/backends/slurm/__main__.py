@@ -1,0 +1,109 @@
+"""What each node of a Slurm job runs (one ``srun`` task per node).
+
+``python -m launcher.backends.slurm torchrun <torchrun arguments>``
+    torchrun's elastic agent, in this process. torchrun turns every worker failure into exit
+    code 1; here a stop for requeue exits with :data:`~launcher.errors.REQUEUE_EXIT_CODE` (the
+    workers exited with it, or this agent was signalled and passed the signal on) and a crash
+    with the worker's own code.
+
+``python -m launcher.backends.slurm deepspeed <DeepSpeed launcher command>``
+    DeepSpeed's per-node launcher as a child in its own process group. The launchers inherit
+    SIGUSR1 as ignored (only the training processes handle it, to checkpoint); SIGUSR1 and SIGTERM
+    sent here go to the whole group, and this process waits until every process of the group has
+    exited, so that no worker is killed by the end of the Slurm step while it saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE
+
+
+def exit_code_of(failure_codes: list[int]) -> int:
+    """The node's exit code from its workers' codes: requeue if any asked for it, else the first."""
+    if REQUEUE_EXIT_CODE in failure_codes:
+        return REQUEUE_EXIT_CODE
+    code = failure_codes[0] if failure_codes else 1
+    return code if 0 < code < 256 else 128 + abs(code)
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun's agent for this node, its outcome mapped to an exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(argv)
+    say(
+        f"node_rank={args.node_rank} nnodes={args.nnodes} nproc_per_node={args.nproc_per_node} "
+        f"master={args.master_addr}:{args.master_port} "
+        f"command: {args.training_script} {' '.join(args.training_script_args)}"
+    )
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        return exit_code_of([failure.exitcode for failure in exc.failures.values()])
+    except SignalException as exc:
+        say(f"stopped by signal {exc.sigval}; the workers were told to checkpoint")
+        return REQUEUE_EXIT_CODE
+    return 0
+
+
+def run_process_group(command: list[str]) -> int:
+    """Run ``command`` in its own process group, forward USR1/TERM to it, wait for all of it."""
+    say(f"command: {' '.join(command)}")
+    signalled: list[int] = []
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the launchers
+    child = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, frame: object) -> None:
+        signalled.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = child.wait()
+    while group_alive(child.pid):  # the launcher may end before its workers do
+        time.sleep(0.5)
+    if signalled:
+        say(f"stopped by signal {signalled[0]}; the workers were told to checkpoint")
+        return REQUEUE_EXIT_CODE
+    return exit_code_of([code]) if code else 0
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def say(message: str) -> None:
+    """One line on this node's log, prefixed with the node's name."""
+    node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+    print(f"flotilla: node={node} {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun ARGS...`` or ``deepspeed COMMAND...``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["torchrun"]:
+        return run_torchrun(args[1:])
+    if args[:1] == ["deepspeed"] and len(args) > 1:
+        return run_process_group(args[1:])
+    print("usage: python -m launcher.backends.slurm torchrun ARGS... | deepspeed COMMAND...", file=sys.stderr)
+    return BAD_INPUT_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

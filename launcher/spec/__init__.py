@@ -1,0 +1,60 @@
+"""The job spec: pydantic models (unknown keys are errors), YAML loading with line numbers and
+did-you-mean, ``key.path=value`` overrides, cross-field rules, and the one rule for relative paths.
+
+This module is the package's face: other packages import only what it lists.
+"""
+
+from __future__ import annotations
+
+from launcher.spec.load import (
+    Location,
+    load_spec,
+    load_yaml_model,
+    resolve_path,
+    resolve_relative_paths,
+    validate_spec,
+)
+from launcher.spec.models import (
+    DataFormat,
+    DataSource,
+    DataSpec,
+    FieldMap,
+    Fraction,
+    JobSpec,
+    ModelSpec,
+    NonNegativeInt,
+    PeftSpec,
+    PositiveInt,
+    RaySpec,
+    ResourcesSpec,
+    Section,
+    SlurmSpec,
+    UnfreezeStage,
+)
+from launcher.spec.rules import guardrail_warnings, zero_problems
+
+__all__ = [
+    "DataFormat",
+    "DataSource",
+    "DataSpec",
+    "FieldMap",
+    "Fraction",
+    "JobSpec",
+    "Location",
+    "ModelSpec",
+    "NonNegativeInt",
+    "PeftSpec",
+    "PositiveInt",
+    "RaySpec",
+    "ResourcesSpec",
+    "Section",
+    "SlurmSpec",
+    "UnfreezeStage",
+    "guardrail_warnings",
+    "load_spec",
+    "load_yaml_model",
+    "resolve_path",
+    "resolve_relative_paths",
+    "validate_spec",
+    "zero_problems",
+]

@@ -1,0 +1,20 @@
+"""The train core, run unchanged in every process of every backend (``python -m launcher.train``):
+the Trainer with Flotilla's callbacks, verified checkpoints, ZeRO-3 gathering, preflight, metrics,
+evaluation and the run report.
+
+This module is the package's face: other packages import only what it lists.
+"""
+
+from __future__ import annotations
+
+from launcher.train.checkpoint import save_verified
+from launcher.train.core import run_training
+from launcher.train.evaluate import evaluate_target
+from launcher.train.report import write_report
+
+__all__ = [
+    "evaluate_target",
+    "run_training",
+    "save_verified",
+    "write_report",
+]

@@ -1,0 +1,92 @@
+"""The transformers Trainer with atomic, verified checkpoints and perplexity in every evaluation."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    Trainer,
+)
+
+from launcher.train.checkpoint import rotate_checkpoints, seal_checkpoint
+from launcher.train.metrics import perplexity
+
+BOOKKEEPING_COLUMNS = ("full_length", "length")
+
+
+class FlotillaTrainer(Trainer):
+    """Checkpoints are staged, sealed with a hash manifest, then published by one rename."""
+
+    def __init__(
+        self, *args: Any, keep_checkpoints: int = 3, report_perplexity: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self.report_perplexity = report_perplexity
+        self._staging_root: str | None = None
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        root = Path(self.args.output_dir)
+        step = self.state.global_step
+        staging_root = root / f".staging-{step}"
+        name = f"checkpoint-{step}"
+        if self.args.should_save and staging_root.exists():
+            shutil.rmtree(staging_root)
+        self._barrier()
+        self._staging_root = str(staging_root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self._barrier()
+        if self.args.should_save:
+            seal_checkpoint(staging_root / name, root / name, step)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(root, self.keep_checkpoints)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None and self.report_perplexity:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output
+
+
+class BatchCollator:
+    """Drops bookkeeping columns, then pads (or flattens, for padding-free packing)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, task: str, packing: bool) -> None:
+        if task == "sequence_classification":
+            self.inner: Any = DataCollatorWithPadding(tokenizer)
+        elif packing:
+            self.inner = DataCollatorWithFlattening()
+        else:
+            self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        cleaned = [{k: v for k, v in f.items() if k not in BOOKKEEPING_COLUMNS} for f in features]
+        return self.inner(cleaned)
