@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compare import SEED, flotilla_spec, long_rows, make_workspace, run_flotilla, write_jsonl
+from compare import REPO, SEED, flotilla_spec, long_rows, make_workspace, run_flotilla, write_jsonl
+
+sys.path.insert(0, str(REPO))  # the tests' random-model builder (tests/ is not installed)
+from launcher.model import load_tokenizer
+from launcher.spec import ModelSpec
+from tests.tiny_models import build_random_llama
 
 #: (hidden, intermediate, layers, attention heads, key/value heads): TinyLlama's ~1.1B shape.
 SIZES = {"1b": (2048, 5632, 22, 32, 4), "tiny": (128, 352, 2, 4, 2)}
@@ -47,29 +52,7 @@ def matmul_peak_flops(device: str, repeats: int = 20) -> float:
 
 def build_model(folder: Path, size: str) -> int:
     """Save a random Llama of ``size`` with SmolLM2's tokenizer into ``folder``; its parameter count."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from launcher.model.load import load_tokenizer
-    from launcher.spec.models import ModelSpec
-
-    tokenizer = load_tokenizer(ModelSpec(path="smollm2-135m-instruct"))
-    hidden, intermediate, layers, heads, kv_heads = SIZES[size]
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(config)
-    parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return parameters
+    return build_random_llama(folder, SIZES[size], max_positions=4096, seed=SEED)
 
 
 def tokens_per_second(records: list[dict[str, Any]], tokens_per_step: int) -> float:
@@ -90,9 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: run on a GPU machine, or --device cpu for a smoke run")
-
-    from launcher.model.load import load_tokenizer
-    from launcher.spec.models import ModelSpec
 
     workspace = make_workspace(args.workdir, threads=torch.get_num_threads())
     model_dir = workspace.root / f"llama-{args.size}"

@@ -89,11 +89,3 @@ def from_record(record: ArrayRecord) -> Arrays:
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of array data in a record (what travels, without message framing)."""
     return int(sum(len(v.data) for v in record.values()))
-
-
-def lora_rank(arrays: Mapping[str, np.ndarray]) -> int | None:
-    """The LoRA rank of an adapter (rows of its first ``lora_A``), or None without LoRA keys."""
-    for key, value in arrays.items():
-        if ".lora_A." in key:
-            return int(np.shape(value)[0])
-    return None

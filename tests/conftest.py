@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from launcher.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "configs" / "data"
@@ -123,3 +126,31 @@ def assert_adapter_reloads_equal(base: Path, run_dir: Path) -> dict[str, Any]:
         assert torch.equal(live[key.replace(".weight", ".default.weight")].detach(), tensor), key
     assert any(t.abs().sum() > 0 for k, t in saved.items() if "lora_B" in k)
     return saved
+
+
+def only_run_dir(root: Path, name: str = "tiny") -> Path:
+    """The one run directory of job ``name`` under the output folder ``root``."""
+    runs = sorted(p for p in (root / name).iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def loss_log(run_dir: Path) -> list[tuple[int, float]]:
+    """Every training loss of metrics.jsonl in order, as (step, loss) (a step again after a restart)."""
+    return [(r["step"], r["loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step (a step logged again after a resume keeps its last value)."""
+    return dict(loss_log(run_dir))
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), failing after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

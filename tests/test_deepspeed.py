@@ -22,22 +22,20 @@ from safetensors.torch import load_file
 
 from launcher.backends.commands import launcher_command, write_hostfile
 from launcher.plan.plan import Plan
-from tests.conftest import QUIET_ENV, REPO, assert_adapter_reloads_equal, flotilla, start_flotilla, tiny_job
+from tests.conftest import (
+    QUIET_ENV,
+    REPO,
+    assert_adapter_reloads_equal,
+    flotilla,
+    losses,
+    only_run_dir,
+    start_flotilla,
+    tiny_job,
+)
 
 ZERO3 = {"backend": "deepspeed", "processes_per_node": 2, "zero": {"stage": 3}}
 RANK = 4  # tiny_job's LoRA rank
 STEPS = {"max_steps": 8, "save_steps": 3, "logging_steps": 1}
-
-
-def run_dir_of(root: Path) -> Path:
-    runs = sorted(p for p in (root / "runs" / "tiny").iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def run_job(tmp_path: Path, write_spec: Any, model_dir: Path, name: str, **sections: Any) -> Path:
@@ -46,7 +44,7 @@ def run_job(tmp_path: Path, write_spec: Any, model_dir: Path, name: str, **secti
     result = flotilla("run", str(spec))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "preflight: 2 ranks" in result.stderr
-    return run_dir_of(tmp_path / name)
+    return only_run_dir(tmp_path / name / "runs")
 
 
 def assert_learned_and_adapter_reloads(run_dir: Path, base: Path) -> None:
@@ -76,7 +74,7 @@ def zero3_reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) 
     spec_file.write_text(yaml.safe_dump(tiny_job(tiny_llama, tmp, resources=ZERO3, train=STEPS)))
     result = flotilla("run", str(spec_file))
     assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir_of(tmp)
+    return only_run_dir(tmp / "runs")
 
 
 def test_zero3_lora_learns_and_saves_a_gathered_verified_adapter(
@@ -138,7 +136,7 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the CLI, DeepSpeed's launcher and both ranks
     process.wait()
-    run_dir = run_dir_of(tmp_path)
+    run_dir = only_run_dir(tmp_path / "runs")
     assert not (run_dir / "summary.json").exists()
     resumed = flotilla("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -204,7 +202,7 @@ def test_real_smollm2_zero3_lora_run(tmp_path: Path, write_spec) -> None:
     spec["model"] = {"path": "smollm2-135m-instruct"}
     result = flotilla("run", str(write_spec(spec)))
     assert result.returncode == 0, result.stderr[-4000:]
-    run_dir = run_dir_of(tmp_path)
+    run_dir = only_run_dir(tmp_path / "runs")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
     assert summary["after"]["train_loss"] < summary["before"]["train_loss"]

@@ -21,7 +21,7 @@ from federated.ops.keys import create_trial_keys, write_node_key
 from federated.rounds import RoundStore
 from launcher.backends.commands import free_port
 from launcher.processes import process_tree, stop_processes
-from tests.conftest import QUIET_ENV, REPO, tiny_job
+from tests.conftest import QUIET_ENV, REPO, tiny_job, wait_for
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -53,13 +53,6 @@ def start(tmp_path: Path) -> Iterator[Start]:
     yield run
     for process in started:
         kill_tree(process, "term")
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.5)
 
 
 def write(path: Path, content: dict) -> Path:

@@ -11,8 +11,7 @@ import os
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,11 @@ from tests.conftest import (
     DATA,
     assert_adapter_reloads_equal,
     flotilla,
+    loss_log,
+    only_run_dir,
     start_flotilla,
     tiny_job,
+    wait_for,
 )
 
 pytest.importorskip("ray.train")
@@ -56,27 +58,6 @@ def ray_job(model: Path, tmp_path: Path, address: str, workers: int = 2, **secti
     spec = tiny_job(model, tmp_path, resources={"backend": "ray", "workers": workers}, **sections)
     spec["ray"] = {"address": address, "max_failures": 2, **spec.get("ray", {})}
     return spec
-
-
-def only_run_dir(root: Path) -> Path:
-    runs = sorted(p for p in (root / "tiny").iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_workers_learn_and_save_a_verified_adapter(
@@ -145,7 +126,7 @@ def test_a_killed_worker_is_restarted_from_the_last_checkpoint(
     run_dir = only_run_dir(tmp_path / "runs")
     assert "[FailurePolicy] RETRY" in output  # Ray Train restarted the worker group...
     assert "resuming from" in output  # ...and the train core went on from the run's last checkpoint
-    steps = [step for step, _ in logged_losses(run_dir)]
+    steps = [step for step, _ in loss_log(run_dir)]
     assert set(steps) == set(range(1, 13))
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 12
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -5,12 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import DATA, REPO, flotilla
-
-
-def single_run(root: Path, name: str) -> Path:
-    (run_dir,) = [p for p in (root / name).iterdir() if p.is_dir()]
-    return run_dir
+from tests.conftest import DATA, REPO, flotilla, only_run_dir
 
 
 def test_quickstart_on_real_smollm2_lowers_validation_loss(tmp_path: Path) -> None:
@@ -28,7 +23,7 @@ def test_quickstart_on_real_smollm2_lowers_validation_loss(tmp_path: Path) -> No
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    run_dir = single_run(tmp_path, "quickstart")
+    run_dir = only_run_dir(tmp_path, "quickstart")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
     assert summary["after"]["eval_perplexity"] < summary["before"]["eval_perplexity"]
@@ -39,7 +34,7 @@ def test_quickstart_on_real_smollm2_lowers_validation_loss(tmp_path: Path) -> No
 def test_minilm_classification_beats_the_majority_class(tmp_path: Path) -> None:
     result = flotilla("run", "configs/classify-minilm.yaml", f"output.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = single_run(tmp_path, "classify-minilm")
+    run_dir = only_run_dir(tmp_path, "classify-minilm")
     metrics_file = tmp_path / "eval.json"
     evaluation = flotilla(
         "eval", str(run_dir), "--data", str(DATA / "sentiment_val.jsonl"), "--json", str(metrics_file)

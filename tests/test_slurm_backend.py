@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, assert_adapter_reloads_equal, flotilla, tiny_job
+from tests.conftest import REPO, assert_adapter_reloads_equal, flotilla, losses, tiny_job
 from tests.slurm_cluster import SlurmCluster
 
 STEPS = 16
@@ -67,18 +67,12 @@ def status(job: Submitted, target: str | None = None) -> str:
     return state
 
 
-def wait_for(job: Submitted, wanted: str, timeout: float = TIMEOUT) -> None:
+def wait_for_state(job: Submitted, wanted: str, timeout: float = TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while (state := status(job)) != wanted:
         assert state not in {"SUCCEEDED", "FAILED", "CANCELLED"}, f"job ended {state}, wanted {wanted}"
         assert time.monotonic() < deadline, f"job still {state} after {timeout}s"
         time.sleep(1.0)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss per step (a step logged again after a resume keeps its last value)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def loss_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -113,7 +107,7 @@ def reference(
     """One uninterrupted 2-node run: the losses every interrupted run must reproduce."""
     root = tmp_path_factory.mktemp("reference")
     job = submit(slurm_cluster, slurm_job(tiny_llama, root), root)
-    wait_for(job, "SUCCEEDED")
+    wait_for_state(job, "SUCCEEDED")
     return job
 
 
@@ -257,7 +251,7 @@ def test_three_interruptions_requeue_and_resume_exactly(
     slurm_cluster.run(["scontrol", "requeue", job_id])
     resume(interrupted)
 
-    wait_for(job, "SUCCEEDED")
+    wait_for_state(job, "SUCCEEDED")
     assert {"RUNNING", "REQUEUED", "SUCCEEDED"} <= job.seen_states
     assert slurm_cluster.job_info(job_id)["Restarts"] == "3"
     assert (run_dir / "logs" / "node0.log").read_text().count("resuming from") == 3
@@ -286,7 +280,7 @@ def test_deepspeed_launcher_and_a_restart_budget_of_one(
     wait_for_new_step(job.run_dir, len(loss_records(job.run_dir)))
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job.job_id])
 
-    wait_for(job, "FAILED")
+    wait_for_state(job, "FAILED")
     last = events(job.run_dir)[-1]
     assert last["event"] == "failed" and last["restart"] == 1
     assert "restart budget exhausted" in last["detail"] and "slurm.max_restarts=1" in last["detail"]
@@ -307,7 +301,7 @@ def test_cancel_a_running_job(slurm_cluster: SlurmCluster, tiny_llama: Path, tmp
     slurm_cluster.wait_for_state(job.job_id, "RUNNING", timeout=TIMEOUT)
     result = flotilla("cancel", str(job.run_dir), env=job.env, timeout=60)
     assert result.returncode == 0 and f"cancelled {job.job_id}" in result.stdout
-    wait_for(job, "CANCELLED")
+    wait_for_state(job, "CANCELLED")
     assert "==> batch:" in log_text(job, job.job_id, "-f")  # follow mode ends with the job
     again = flotilla("cancel", job.job_id, env=job.env, timeout=60)
     assert again.returncode == 2 and "already ended (CANCELLED)" in again.stderr

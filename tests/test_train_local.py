@@ -8,18 +8,14 @@ import time
 from pathlib import Path
 
 from launcher.errors import REQUEUE_EXIT_CODE
-from tests.conftest import assert_adapter_reloads_equal, flotilla, start_flotilla, tiny_job
-
-
-def only_run_dir(root: Path) -> Path:
-    runs = sorted(p for p in (root / "tiny").iterdir() if p.is_dir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def logged_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+from tests.conftest import (
+    assert_adapter_reloads_equal,
+    flotilla,
+    losses,
+    only_run_dir,
+    start_flotilla,
+    tiny_job,
+)
 
 
 def test_tiny_run_learns_and_saves_a_reloadable_adapter(tiny_llama: Path, tmp_path: Path, write_spec) -> None:
@@ -42,7 +38,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
     steps = {"max_steps": 8, "save_steps": 3, "logging_steps": 1}
     reference_spec = write_spec(tiny_job(tiny_llama, tmp_path / "ref", train=steps), "ref.yaml")
     assert flotilla("run", str(reference_spec)).returncode == 0
-    reference = logged_losses(only_run_dir(tmp_path / "ref" / "runs"))
+    reference = losses(only_run_dir(tmp_path / "ref" / "runs"))
 
     spec = write_spec(tiny_job(tiny_llama, tmp_path / "killed", train=steps), "killed.yaml")
     process = start_flotilla("run", str(spec))
@@ -58,10 +54,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
     assert not (run_dir / "summary.json").exists()
     resumed = flotilla("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    losses = logged_losses(run_dir)
-    assert max(losses) == 8
+    resumed_losses = losses(run_dir)
+    assert max(resumed_losses) == 8
     for step in range(4, 9):
-        assert abs(losses[step] - reference[step]) <= 1e-6, (step, losses[step], reference[step])
+        assert abs(resumed_losses[step] - reference[step]) <= 1e-6, (
+            step,
+            resumed_losses[step],
+            reference[step],
+        )
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(
