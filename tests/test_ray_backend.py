@@ -237,5 +237,5 @@ def test_shipped_ray_config_validates_and_renders_its_ray_job() -> None:
     result = cli("submit", "configs/ray.yaml", "ray.address=http://127.0.0.1:8265", "--dry-run")
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)
-    assert job["entrypoint"].startswith("python -m launcher.backends.ray.workers ")
+    assert job["entrypoint"].startswith("python -m launcher.backends.ray ")
     assert job["workers"] == 2 and job["resources_per_worker"] == {"CPU": 1}
