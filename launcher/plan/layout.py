@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from launcher.spec import JobSpec
 
 
-@dataclass(frozen=True)
+@dataclass
 class Layout:
     """Where a job's processes run and how its global batch is split between them."""
 

@@ -8,24 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from launcher.plan.deepspeed import derive_deepspeed_config
-from launcher.plan.layout import job_layout
+from launcher.plan.layout import Layout, job_layout
 from launcher.spec import JobSpec
 
 
 @dataclass
-class Plan:
-    """Everything a backend and the train core need, derived once from the spec."""
+class Plan(Layout):
+    """Everything a backend and the train core need, derived once from the spec: its layout, plus
+    the spec itself, the backend, the derived DeepSpeed config and where the run writes."""
 
     spec: dict[str, Any]
     backend: str
-    nodes: int
-    processes_per_node: int
-    world_size: int
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    global_batch_size: int
-    device: str
-    precision: str
     deepspeed_config: dict[str, Any] | None
     run_dir: str
     seed: int
