@@ -35,6 +35,7 @@ from federated.strategy import (
     secagg_round,
     strategy_state,
     validate_updates,
+    weigh_updates,
 )
 from launcher.atomic import write_json_atomic
 from launcher.errors import FlotillaError
@@ -99,11 +100,12 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
         arrays = {k: saved[k] for k in model.arrays()}
         restore_state(strategy, scalars, state_arrays)
         log(INFO, "resuming %s after round %d (checkpoint %s)", fed.name, done, store.checkpoints)
-    names = site_names(work_dir)  # enrolled sites, named even before they first answer
-    names.update({s["node"]: s["site"] for r in store.rows() for s in r.get("sites", []) if "metrics" in s})
+    enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
+    names = {s["node"]: s["site"] for r in store.rows() for s in r.get("sites", []) if "metrics" in s}
+    names.update(enrolled)  # enrolled sites, named even before they first answer
     for server_round in range(done + 1, fed.rounds + 1):
         started = time.time()
-        arrays, row, payload = _run_round(grid, context, fed, strategy, arrays, server_round, names)
+        arrays, row, payload = _run_round(grid, context, fed, strategy, arrays, server_round, names, enrolled)
         model.save(arrays, store.adapter_dir(server_round))
         row.update(
             round=server_round,
@@ -140,18 +142,20 @@ def _run_round(
     arrays: dict[str, np.ndarray],
     rnd: int,
     names: dict[int, str],
+    enrolled: dict[int, str],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """One round: returns the new global arrays, the metrics row and the payload description.
 
-    ``names`` maps node ids to the site names they declared (kept across rounds, to name dropouts).
+    ``names`` maps node ids to site names (kept across rounds, to name dropouts); ``enrolled`` holds
+    the names fixed at enrollment, which replies are credited to.
     """
     if fed.privacy.secagg is not None:
-        return _secagg_round(grid, context, fed, arrays, rnd, names)
+        return _secagg_round(grid, context, fed, arrays, rnd, names, enrolled)
     record = to_record(arrays)
     messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed)), grid))
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-    accepted, rejections = screen(replies, arrays, fed)
-    sites = _site_rows(messages, replies, rejections, record_bytes(record), names)
+    accepted, rejections = screen(replies, arrays, fed, enrolled)
+    sites = _site_rows(messages, replies, rejections, record_bytes(record), names, enrolled)
     if len(accepted) < fed.min_sites:
         raise FederationError(
             f"round {rnd}: {len(accepted)} valid update(s), fewer than min_sites={fed.min_sites} "
@@ -188,23 +192,47 @@ def round_config(fed: FederationSpec) -> dict[str, Any]:
     return config
 
 
-def site_name(reply: Message) -> str:
-    """The site a reply comes from (its self-declared name, else its node id)."""
+def declared_site(reply: Message) -> str | None:
+    """The site name a reply declares (its ``site`` record), if any."""
     site = reply.content.config_records.get("site") if reply.has_content() else None
-    return str(site["name"]) if site and "name" in site else f"node-{reply.metadata.src_node_id}"
+    return str(site["name"]) if site and "name" in site else None
+
+
+def site_identity(reply: Message, enrolled: dict[int, str]) -> tuple[str, str | None]:
+    """Who a reply comes from, and why it is refused (or None).
+
+    With node authentication the identity is the name enrolled with the SuperNode's public key
+    (``enrolled``: node id -> site, fixed at enrollment); a reply declaring another name is refused.
+    Without it (simulation, ``insecure``) the identity is the declared name, else the node id.
+    """
+    node = reply.metadata.src_node_id
+    declared = declared_site(reply)
+    if node in enrolled:
+        name = enrolled[node]
+        if declared is not None and declared != name:
+            return name, f"node {node} is enrolled as {name!r} but its reply claims to be {declared!r}"
+        return name, None
+    return declared or f"node-{node}", None
 
 
 def screen(
-    replies: list[Message], reference: dict[str, np.ndarray], fed: FederationSpec
+    replies: list[Message],
+    reference: dict[str, np.ndarray],
+    fed: FederationSpec,
+    enrolled: dict[int, str] | None = None,
 ) -> tuple[list[Message], list[Rejection]]:
-    """Validate every update against the current global adapter; only accepted replies are returned."""
+    """Validate every update against the current global adapter and weigh it (``weighting``);
+    only accepted replies are returned, their ``num-examples`` set to the weight they count with."""
     updates: list[Update] = []
     by_site: dict[str, Message] = {}
     rejections: list[Rejection] = []
     for reply in replies:
         if reply.has_error():
             continue
-        site = site_name(reply)
+        site, refused = site_identity(reply, enrolled or {})
+        if refused:
+            rejections.append(Rejection(site, refused))
+            continue
         try:
             arrays = from_record(reply.content["arrays"])
             examples = int(reply.content["metrics"]["num-examples"])
@@ -220,9 +248,16 @@ def screen(
         max_norm=fed.validation.max_norm,
         allow_rank_mismatch=fed.strategy.name == "lora_product",
     )
-    for rejection in [*rejections, *rejected]:
+    weighted, over_cap, notes = weigh_updates(
+        accepted, fed.effective_weighting(), fed.max_examples, fed.over_cap
+    )
+    for rejection in [*rejections, *rejected, *over_cap]:
         log(WARNING, "rejected update: %s", rejection.reason)
-    return [by_site[u.site_id] for u in accepted], [*rejections, *rejected]
+    for note in notes.values():
+        log(WARNING, "capped weight: %s", note)
+    for update in weighted:
+        by_site[update.site_id].content["metrics"]["num-examples"] = update.num_examples
+    return [by_site[u.site_id] for u in weighted], [*rejections, *rejected, *over_cap]
 
 
 def _common_metrics(replies: list[Message]) -> None:
@@ -239,6 +274,7 @@ def _site_rows(
     rejections: list[Rejection],
     bytes_down: int,
     names: dict[int, str],
+    enrolled: dict[int, str],
 ) -> list[dict[str, Any]]:
     """Per-site outcome of a round: status, metrics, bytes each way and the payload description."""
     rejected = {r.site_id: r.reason for r in rejections}
@@ -249,7 +285,7 @@ def _site_rows(
         if reply.has_error():
             rows[node] = {"node": node, "status": "error", "reason": reply.error.reason}
             continue
-        site = names[node] = site_name(reply)
+        site = names[node] = site_identity(reply, enrolled)[0]
         metrics = reply.content.metric_records.get("metrics")
         rows[node] = {
             "site": site,
@@ -306,6 +342,7 @@ def _secagg_round(
     arrays: dict[str, np.ndarray],
     rnd: int,
     names: dict[int, str],
+    enrolled: dict[int, str],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """A SecAgg+ round: only the weighted mean is ever unmasked on the server."""
     assert fed.privacy.secagg is not None
@@ -328,7 +365,7 @@ def _secagg_round(
         row["bytes_up"] += sum(record_bytes(r) for r in reply.content.array_records.values())
         fit_metrics = reply.content.config_records.get("fitres.metrics")
         if fit_metrics is not None:
-            names[node] = str(fit_metrics.get("site", f"node-{node}"))
+            names[node] = enrolled.get(node) or str(fit_metrics.get("site", f"node-{node}"))
             row.update(status="accepted", metrics=dict(fit_metrics))
         stages.setdefault(node, []).append(describe_payload(reply))
     for node, row in rows.items():

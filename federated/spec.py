@@ -127,9 +127,25 @@ class FederationSpec(Section):
     validation: ValidationSpec = Field(default_factory=ValidationSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    #: How much each accepted update counts in the average: ``examples`` (as each site claims),
+    #: ``uniform``, or ``capped`` (claims capped at ``max_examples``; without it at the round's median
+    #: claim). Default: capped, uniform under DP.
+    weighting: Literal["examples", "uniform", "capped"] | None = None
+    max_examples: PositiveInt | dict[str, PositiveInt] | None = None
+    #: A claim over its cap is weighted as the cap (``clip``) or the update is left out (``reject``).
+    over_cap: Literal["clip", "reject"] = "clip"
     sites: dict[str, str] = Field(default_factory=dict, description="site name -> local job spec")
     server: ServerSpec = Field(default_factory=ServerSpec)
     output: str = "runs"
+
+    def effective_weighting(self) -> str:
+        """The weighting rounds use: as set, else uniform under DP, examples under SecAgg+ (where
+        each site caps its own weight at ``privacy.secagg.max_weight``), else capped."""
+        if self.weighting is not None:
+            return self.weighting
+        if self.privacy.dp is not None:
+            return "uniform"
+        return "examples" if self.privacy.secagg is not None else "capped"
 
     def expected_sites(self) -> int:
         """Sites expected per round: all listed sites, else ``min_sites``."""
@@ -178,6 +194,7 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
             problems.append(("privacy", "use either privacy.dp or privacy.secagg, not both"))
         if spec.min_sites < 2:
             problems.append(("min_sites", "SecAgg+ needs at least 2 sites per round"))
+    problems += _weighting_problems(spec)
     if spec.strategy.name == "krum" and spec.min_sites < 2 * spec.strategy.krum_malicious_sites + 3:
         problems.append(
             ("strategy.krum_malicious_sites", "Krum needs min_sites >= 2 x krum_malicious_sites + 3")
@@ -210,3 +227,35 @@ def load_site(path: Path, overrides: list[str] | None = None) -> SiteSpec:
     if not site.insecure and not (site.ca_cert and site.private_key):
         raise SpecError(str(path), ["ca_cert and private_key are required unless insecure: true"])
     return site
+
+
+def _weighting_problems(spec: FederationSpec) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    weighting = spec.effective_weighting()
+    if spec.privacy.dp is not None and weighting != "uniform":
+        problems.append(
+            (
+                "weighting",
+                f"DP noise is sized for a uniform mean of clipped updates: use 'uniform', not {weighting!r}",
+            )
+        )
+    if spec.privacy.secagg is not None and spec.weighting is not None:
+        problems.append(
+            (
+                "weighting",
+                "under SecAgg+ the server sees only the weighted sum: each site's weight is capped at "
+                "privacy.secagg.max_weight instead; remove weighting",
+            )
+        )
+    if spec.max_examples is not None and weighting != "capped":
+        problems.append(("max_examples", f"only applies to weighting: capped (weighting is {weighting!r})"))
+    if isinstance(spec.max_examples, dict) and spec.sites:
+        unknown = sorted(set(spec.max_examples) - set(spec.sites))
+        if unknown:
+            problems.append(
+                (
+                    f"max_examples.{unknown[0]}",
+                    f"not a site of this federation (sites: {', '.join(spec.sites)})",
+                )
+            )
+    return problems

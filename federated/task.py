@@ -22,7 +22,6 @@ import torch
 import yaml
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
-from transformers import TrainerCallback
 
 from federated.strategy import Update, lora_pairs, lora_product_average
 from launcher.backends import get_backend
@@ -159,41 +158,39 @@ def fit_rank(
     return refit
 
 
-class ProximalPull(TrainerCallback):
-    """FedProx: after every optimizer step, w -= lr * mu * (w - w_global) on the adapter weights.
-
-    That is the gradient step of the proximal term mu/2 ||w - w_global||^2, applied decoupled from
-    the task loss (like decoupled weight decay, pulling towards the global adapter instead of zero).
-    """
+class ProximalTerm:
+    """FedProx's proximal term mu/2 ||w - w_global||^2 over the adapter weights, added to the local
+    loss (FedProx, Li et al. 2020, eq. 2): its gradient goes through the site's optimizer with the
+    task loss's, so AdamW's per-parameter scaling applies to it too."""
 
     def __init__(self, mu: float, anchor: Mapping[str, np.ndarray]) -> None:
         self.mu = mu
         self.anchor = {k.removesuffix(".weight"): torch.from_numpy(np.asarray(v)) for k, v in anchor.items()}
-        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self.pairs = []
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        if self.pairs is None:
+            self.pairs = self._pair(model)
+            if not self.pairs:
+                raise FlotillaError("FedProx: no trainable adapter weight matches the global adapter")
+        return 0.5 * self.mu * sum(((param - anchor) ** 2).sum() for param, anchor in self.pairs)
+
+    def _pair(self, model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        pairs = []
         for name, param in model.named_parameters():
             key = name.replace(".default.", ".").replace(".modules_to_save.", ".").removesuffix(".weight")
             anchor = self.anchor.get(key) if param.requires_grad else None
             if anchor is not None and anchor.shape == param.shape:
-                self.pairs.append((param, anchor.to(param.device, param.dtype)))
-
-    def on_step_end(
-        self, args: Any, state: Any, control: Any, lr_scheduler: Any = None, **kwargs: Any
-    ) -> None:
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
-        with torch.no_grad():
-            for param, anchor in self.pairs:
-                param.sub_(lr * self.mu * (param - anchor))
+                pairs.append((param, anchor.to(param.device, param.dtype)))
+        return pairs
 
 
 def _train(run_dir: Path, world_size: int, backend: str, order: RoundOrder, anchor: Arrays) -> None:
     """The train core in this process, or through the backend when the site uses several processes."""
     console = Console(stderr=True)
     if world_size == 1:
-        callbacks = [ProximalPull(order.proximal_mu, anchor)] if order.proximal_mu > 0 else []
-        outcome = run_training(run_dir, console, extra_callbacks=callbacks)
+        terms = [ProximalTerm(order.proximal_mu, anchor)] if order.proximal_mu > 0 else []
+        outcome = run_training(run_dir, console, loss_terms=terms)
         if outcome.interrupted:
             raise FlotillaError(f"local training in {run_dir} was interrupted")
         return

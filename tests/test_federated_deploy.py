@@ -2,7 +2,8 @@
 
 One scenario, in the order a coordinator would live it: a SuperNode whose key was never enrolled is
 refused; a site is killed mid-round and the round completes without it (min_sites = 1); the server
-crashes after round 1 and, restarted, resumes at round 2 instead of starting over.
+crashes after round 1 and, restarted, resumes at round 2 instead of starting over. And an enrolled
+site that answers under another site's name is refused.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.numpy import load_file
 
 from federated.ops.keys import create_trial_keys, write_node_key
 from federated.rounds import RoundStore
@@ -60,6 +64,23 @@ def write(path: Path, content: dict) -> Path:
     return path
 
 
+def federation_file(tmp_path: Path, model: Path, port: int, name: str, **changes: Any) -> Path:
+    """A federation of two sites on the SuperLink at 127.0.0.1:``port`` with the keys in tmp_path/keys."""
+    spec = {
+        "name": name,
+        "model": {"path": str(model)},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "min_sites": 1,
+        "start_sites": 2,
+        "round_timeout": 240,
+        "local": {"steps": 2},
+        "server": {"host": "127.0.0.1", "port": port, "keys": str(tmp_path / "keys")},
+        "output": str(tmp_path / "out"),
+        **changes,
+    }
+    return write(tmp_path / "fed.yaml", spec)
+
+
 def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
     keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
     rogue_key, _ = write_node_key(tmp_path / "rogue")
@@ -67,22 +88,7 @@ def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Pa
     for site in ("site_a", "site_b"):
         job = tiny_job(tiny_llama, tmp_path, name=site, data={"max_train_rows": 32, "max_validation_rows": 8})
         write(tmp_path / f"{site}.job.yaml", job)
-    fed = write(
-        tmp_path / "fed.yaml",
-        {
-            "name": "deployed",
-            "seed": 7,
-            "model": {"path": str(tiny_llama)},
-            "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-            "rounds": 2,
-            "min_sites": 1,
-            "start_sites": 2,
-            "round_timeout": 240,
-            "local": {"steps": 2},
-            "server": {"host": "127.0.0.1", "port": port, "keys": str(tmp_path / "keys")},
-            "output": str(tmp_path / "out"),
-        },
-    )
+    fed = federation_file(tmp_path, tiny_llama, port, "deployed", rounds=2, seed=7)
 
     def site_spec(name: str, key: Path) -> Path:
         spec = {
@@ -127,3 +133,44 @@ def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Pa
     assert (tmp_path / "work-site_a" / "round-001" / "summary.json").stat().st_mtime == trained_round_1
     assert (tmp_path / "work-site_a" / "round-002" / "summary.json").stat().st_mtime > restarted_at
     assert site_a.poll() is None, "the site keeps serving across the server restart"
+
+
+def test_an_enrolled_site_cannot_answer_under_another_sites_name(
+    tiny_llama: Path, tmp_path: Path, start: Start
+) -> None:
+    """site_b's SuperNode (site_b's enrolled key) declares itself site_a: refused, both names logged;
+    the real site_a's update is aggregated."""
+    keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
+    port = free_port()
+    job = write(
+        tmp_path / "job.yaml",
+        tiny_job(tiny_llama, tmp_path, data={"max_train_rows": 32, "max_validation_rows": 8}),
+    )
+    fed = federation_file(tmp_path, tiny_llama, port, "impersonation", rounds=1)
+    server = start("fed", "server", str(fed), log="server.log")
+    wait_for(lambda: "2 site key(s) enrolled" in (tmp_path / "server.log").read_text(), 120, "the SuperLink")
+    for key_of, declared in (("site_a", "site_a"), ("site_b", "site_a")):
+        spec = {
+            "site": declared,
+            "job": str(job),
+            "superlink": f"127.0.0.1:{port}",
+            "ca_cert": str(keys.ca_cert),
+            "private_key": str(keys.site_keys[key_of][0]),
+            "work_dir": str(tmp_path / f"work-{key_of}"),
+        }
+        start("fed", "site", str(write(tmp_path / f"{key_of}.site.yaml", spec)), log=f"{key_of}.log")
+    assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    store = RoundStore(tmp_path / "out" / "impersonation")
+    sites = {s["site"]: s for s in store.rows()[1]["sites"]}
+    assert sites["site_a"]["status"] == "accepted"
+    assert sites["site_b"]["status"] == "rejected"
+    assert "enrolled as 'site_b'" in sites["site_b"]["reason"]
+    assert "claims to be 'site_a'" in sites["site_b"]["reason"]
+    log = (store.work_dir / "serverapp.log").read_text()
+    assert "enrolled as 'site_b' but its reply claims to be 'site_a'" in log
+    global_a = load_file(str(store.adapter_dir(1) / "adapter_model.safetensors"))
+    trained_a = load_file(
+        str(tmp_path / "work-site_a" / "round-001" / "adapter" / "adapter_model.safetensors")
+    )
+    for key, value in global_a.items():
+        np.testing.assert_allclose(value, trained_a[key], atol=1e-6)  # only site_a's update counts

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -30,7 +29,7 @@ from federated.server_app import round_config, screen
 from federated.spec import load_federation
 from federated.strategy.aggregation import fedavg, lora_pairs
 from federated.strategy.strategies import LoraProductAverage, build_strategy, restore_state, strategy_state
-from federated.task import ProximalPull, RoundOrder, fit_rank
+from federated.task import RoundOrder, fit_rank
 from launcher.errors import FlotillaError, SpecError
 from tests.conftest import REPO
 
@@ -152,7 +151,7 @@ def reply(site: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
 
 
 def test_poisoned_updates_are_rejected_and_the_global_adapter_is_unaffected(write_spec: Any) -> None:
-    spec = fed_spec(write_spec, sites={}, min_sites=1)
+    spec = fed_spec(write_spec, sites={}, min_sites=1, weighting="examples")  # weights: test_federated_trust
     reference = adapter(0)
     honest = {f"site{i}": {k: v + 0.01 * (i + 1) for k, v in reference.items()} for i in range(3)}
     nan = {k: v.copy() for k, v in reference.items()}
@@ -201,19 +200,6 @@ def test_a_site_of_another_rank_gets_the_best_factors_and_trainable_rows() -> No
     delta = (8.0 / 4) * global_arrays[b_key] @ global_arrays[a_key]
     np.testing.assert_allclose((6.0 / 3) * local[b_key] @ local[a_key], delta, atol=1e-5)
     assert np.all(np.any(local[a_key] != 0, axis=1)), "every A row can learn"
-
-
-def test_proximal_pull_moves_adapter_weights_towards_the_global_ones() -> None:
-    model = torch.nn.Module()
-    model.lora = torch.nn.Linear(3, 2, bias=False)
-    anchor = {"lora.weight": np.zeros((2, 3), np.float32)}
-    with torch.no_grad():
-        model.lora.weight.fill_(1.0)
-    pull = ProximalPull(mu=0.5, anchor=anchor)
-    args = type("Args", (), {"learning_rate": 0.1})()
-    pull.on_train_begin(args, None, None, model=model)
-    pull.on_step_end(args, None, None)
-    assert torch.allclose(model.lora.weight, torch.full((2, 3), 1.0 - 0.1 * 0.5))
 
 
 def test_trial_keys_chain_to_the_ca_and_load_as_flower_expects(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from federated.strategy.aggregation import (
     lora_pairs,
     lora_product_average,
     validate_updates,
+    weigh_updates,
 )
 from federated.strategy.privacy import DP_CLIPPING_KEY, SECAGG_RECORD, secagg_round, site_privacy_mod
 from federated.strategy.strategies import build_strategy, restore_state, strategy_state
@@ -29,4 +30,5 @@ __all__ = [
     "site_privacy_mod",
     "strategy_state",
     "validate_updates",
+    "weigh_updates",
 ]

@@ -118,6 +118,56 @@ def _structural_problem(
     return None
 
 
+#: How much each accepted update counts in a weighted average (``weighting`` in the federation spec).
+WEIGHTINGS = ("examples", "uniform", "capped")
+
+
+def weigh_updates(
+    updates: Sequence[Update],
+    weighting: str,
+    max_examples: int | Mapping[str, int] | None = None,
+    over_cap: str = "clip",
+) -> tuple[list[Update], list[Rejection], dict[str, str]]:
+    """The weight every update counts with: its claimed ``num_examples`` (``examples``), 1
+    (``uniform``), or the claim capped (``capped``) at the site's ``max_examples`` (one number for
+    every site, or per site), else at the median claim of the round.
+
+    A claim over its cap is clipped to it, or with ``over_cap="reject"`` the update is rejected.
+    Returns the updates with their weights as ``num_examples``, the rejections, and a note per
+    site whose claim was changed.
+    """
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if weighting == "examples":
+        return list(updates), [], {}
+    if weighting == "uniform":
+        return [Update(u.site_id, u.arrays, 1) for u in updates], [], {}
+    median = int(np.median([u.num_examples for u in updates])) if updates else 0
+    kept: list[Update] = []
+    rejected: list[Rejection] = []
+    notes: dict[str, str] = {}
+    for update in updates:
+        cap = _cap_of(update.site_id, max_examples, median)
+        if update.num_examples <= cap:
+            kept.append(update)
+            continue
+        claim = f"site {update.site_id!r} claimed {update.num_examples} examples, over its cap of {cap}"
+        if over_cap == "reject":
+            rejected.append(Rejection(update.site_id, f"{claim} (over_cap: reject)"))
+            continue
+        notes[update.site_id] = f"{claim}: weighted as {cap}"
+        kept.append(Update(update.site_id, update.arrays, cap))
+    return kept, rejected, notes
+
+
+def _cap_of(site: str, max_examples: int | Mapping[str, int] | None, median: int) -> int:
+    if isinstance(max_examples, int):
+        return max_examples
+    if max_examples is not None and site in max_examples:
+        return int(max_examples[site])
+    return max(median, 1)
+
+
 def _squared_norms(
     arrays: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray],

@@ -1,7 +1,7 @@
 """Server strategies over adapter arrays: Flower's built-ins, a LoRA-aware average, DP, saved state.
 
 Which to use (README strategy guide):
-- ``fedavg``: the default; adapters averaged weighted by each site's number of training examples.
+- ``fedavg``: the default; adapters averaged, each with the weight ``weighting`` gives it.
 - ``fedprox``: non-IID sites that drift apart; sites add mu/2 ||w - w_global||^2 to their training.
 - ``fedadam``: server-side Adam on the averaged update; helps when rounds are few and updates noisy.
 - ``median`` / ``trimmed_mean`` / ``krum``: robust to a minority of bad or malicious sites.

@@ -45,7 +45,7 @@ from launcher.train.metrics import classification_metrics, is_task_metric
 from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
 from launcher.train.report import write_report
-from launcher.train.trainer import BatchCollator, FlotillaTrainer
+from launcher.train.trainer import BatchCollator, FlotillaTrainer, LossTerm
 from launcher.train.zero import EvaluateAtTrainBegin, consolidated_state_dict, gathered, is_zero3
 
 
@@ -71,11 +71,15 @@ def process_rank() -> tuple[int, int, int]:
 
 
 def run_training(
-    run_dir: Path, console: Console | None = None, extra_callbacks: list[TrainerCallback] | None = None
+    run_dir: Path,
+    console: Console | None = None,
+    extra_callbacks: list[TrainerCallback] | None = None,
+    loss_terms: list[LossTerm] | None = None,
 ) -> TrainOutcome:
     """Train the job planned in ``run_dir``, resuming from its last verified checkpoint if any.
 
-    ``extra_callbacks`` let a backend observe training (Ray Train reports checkpoints through one).
+    ``extra_callbacks`` let a backend observe training (Ray Train reports checkpoints through one);
+    ``loss_terms`` are added to the training loss (a federated site's FedProx term).
     """
     started = time.time()
     plan = Plan.load(run_dir / "plan.json")
@@ -100,6 +104,7 @@ def run_training(
     trainer = build_trainer(spec, plan, run_dir, model, tokenizer, data, unfreeze, signal_callback, console)
     for callback in extra_callbacks or []:
         trainer.add_callback(callback)
+    trainer.loss_terms = list(loss_terms or [])
     signal_callback.install()
     checkpoint = latest_verified_checkpoint(run_dir / "checkpoints")
     resuming = checkpoint is not None

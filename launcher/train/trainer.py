@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,13 @@ from launcher.train.checkpoint import rotate_checkpoints, seal_checkpoint
 from launcher.train.metrics import perplexity
 
 BOOKKEEPING_COLUMNS = ("full_length", "length")
+#: A term added to the training loss, from the model being trained (FedProx's proximal term).
+LossTerm = Callable[[torch.nn.Module], torch.Tensor]
 
 
 class FlotillaTrainer(Trainer):
-    """Checkpoints are staged, sealed with a hash manifest, then published by one rename."""
+    """Checkpoints are staged, sealed with a hash manifest, then published by one rename; extra
+    ``loss_terms`` join the training loss (so they go through the optimizer with it)."""
 
     def __init__(
         self, *args: Any, keep_checkpoints: int = 3, report_perplexity: bool = True, **kwargs: Any
@@ -30,7 +34,30 @@ class FlotillaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.report_perplexity = report_perplexity
+        self.loss_terms: list[LossTerm] = []
         self._staging_root: str | None = None
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.loss_terms or not model.training:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        extra = sum(term(model) for term in self.loss_terms)
+        # Once per optimizer step: the Trainer divides the loss by the accumulation steps itself
+        # unless the loss was already normalised over the whole accumulated batch (its own rule).
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        loss = loss + (extra / self.current_gradient_accumulation_steps if scaled else extra)
+        return (loss, outputs) if return_outputs else loss
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_root or super()._get_output_dir(trial)
