@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log  # Flower's logger: shown in simulation and by `flwr log`
 
@@ -31,6 +32,8 @@ from federated.strategy import (
     Rejection,
     Update,
     build_strategy,
+    privacy_spent,
+    restore_privacy,
     restore_state,
     secagg_round,
     strategy_state,
@@ -82,7 +85,8 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
     )
     model = GlobalModel.build(fed.model, fed.peft, fed.labels, fed.seed)
     _write_run_files(work_dir, fed)
-    strategy = build_strategy(fed)
+    enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
+    strategy = build_strategy(fed, sampled_sites=max(fed.expected_sites(), len(enrolled)))
     done = store.last_completed()
     if done is None:
         arrays = model.arrays()
@@ -99,13 +103,23 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
         saved, scalars, state_arrays = store.load(done)
         arrays = {k: saved[k] for k in model.arrays()}
         restore_state(strategy, scalars, state_arrays)
+        restore_privacy(strategy, releases=done)
         log(INFO, "resuming %s after round %d (checkpoint %s)", fed.name, done, store.checkpoints)
-    enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
     names = {s["node"]: s["site"] for r in store.rows() for s in r.get("sites", []) if "metrics" in s}
     names.update(enrolled)  # enrolled sites, named even before they first answer
     for server_round in range(done + 1, fed.rounds + 1):
         started = time.time()
-        arrays, row, payload = _run_round(grid, context, fed, strategy, arrays, server_round, names, enrolled)
+        try:
+            arrays, row, payload = _run_round(
+                grid, context, fed, strategy, arrays, server_round, names, enrolled
+            )
+        except PrivacyBudgetExhausted as exc:
+            log(WARNING, "privacy budget spent, stopping before round %d: %s", server_round, exc)
+            _write_summary(work_dir, fed, store, stopped=f"privacy budget spent before round {server_round}")
+            return
+        spent = privacy_spent(strategy)
+        if spent is not None:
+            row["privacy"] = spent
         model.save(arrays, store.adapter_dir(server_round))
         row.update(
             round=server_round,
@@ -154,12 +168,19 @@ def _run_round(
     record = to_record(arrays)
     messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed)), grid))
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+    received = {r.metadata.message_id: describe_payload(r) for r in replies if not r.has_error()}  # as sent
     accepted, rejections = screen(replies, arrays, fed, enrolled)
-    sites = _site_rows(messages, replies, rejections, record_bytes(record), names, enrolled)
+    sites = _site_rows(messages, replies, rejections, record_bytes(record), names, enrolled, received)
     if len(accepted) < fed.min_sites:
         raise FederationError(
             f"round {rnd}: {len(accepted)} valid update(s), fewer than min_sites={fed.min_sites} "
             f"({_problems(sites)}); the last completed round stays the global adapter"
+        )
+    sized_for = getattr(strategy, "num_sampled_clients", None)  # set by Flower's DP wrappers
+    if sized_for is not None and len(accepted) != sized_for:
+        raise FederationError(
+            f"round {rnd}: {len(accepted)} valid update(s), but the DP noise is sized for {sized_for}: "
+            f"an under-noised aggregate is not released ({_problems(sites)})"
         )
     _common_metrics(accepted)
     merged, aggregated = strategy.aggregate_train(rnd, accepted)
@@ -256,7 +277,9 @@ def screen(
     for note in notes.values():
         log(WARNING, "capped weight: %s", note)
     for update in weighted:
-        by_site[update.site_id].content["metrics"]["num-examples"] = update.num_examples
+        metrics = by_site[update.site_id].content["metrics"]
+        metrics["claimed-examples"] = metrics["num-examples"]  # what the site said, for the reports
+        metrics["num-examples"] = update.num_examples
     return [by_site[u.site_id] for u in weighted], [*rejections, *rejected, *over_cap]
 
 
@@ -275,8 +298,10 @@ def _site_rows(
     bytes_down: int,
     names: dict[int, str],
     enrolled: dict[int, str],
+    received: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
-    """Per-site outcome of a round: status, metrics, bytes each way and the payload description."""
+    """Per-site outcome of a round: status, metrics, bytes each way and the payload description
+    (``received``: what each reply held before screening, by message id)."""
     rejected = {r.site_id: r.reason for r in rejections}
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     rows: dict[int, dict[str, Any]] = {}
@@ -293,7 +318,7 @@ def _site_rows(
             "status": "rejected" if site in rejected else "accepted",
             "metrics": dict(metrics) if metrics else {},
             "bytes_up": sum(record_bytes(r) for r in reply.content.array_records.values()),
-            "payload": describe_payload(reply),
+            "payload": received[reply.metadata.message_id],
         }
         if site in rejected:
             rows[node]["reason"] = rejected[site]
@@ -417,7 +442,9 @@ def _write_run_files(work_dir: Path, fed: FederationSpec) -> None:
         write_json_atomic(work_dir / "summary.json", {"labels": fed.labels})
 
 
-def _write_summary(work_dir: Path, fed: FederationSpec, store: RoundStore) -> None:
+def _write_summary(
+    work_dir: Path, fed: FederationSpec, store: RoundStore, stopped: str | None = None
+) -> None:
     rows = store.rows()
     last = rows[-1]
     steps = sum(s.get("metrics", {}).get("steps", 0) for r in rows for s in r.get("sites", []))
@@ -429,7 +456,10 @@ def _write_summary(work_dir: Path, fed: FederationSpec, store: RoundStore) -> No
         "after": last.get("server_eval", {}),
         "artifact": str(store.adapter_dir(last["round"])),
         "rounds": last["round"],
+        "privacy": last.get("privacy"),
     }
+    if stopped:
+        summary["stopped"] = stopped
     write_json_atomic(work_dir / "summary.json", summary)
 
 

@@ -65,7 +65,14 @@ class DPSpec(Section):
 
     side: Literal["server", "client"] = "server"
     clipping: Literal["fixed", "adaptive"] = "fixed"
-    noise_multiplier: NonNegativeFloat = 1.0
+    #: Noise std over the clipping norm; default 1.0, or derived from ``target_epsilon``.
+    noise_multiplier: NonNegativeFloat | None = None
+    #: Fixed clipping is accounted (Flower's RDP accountant): the (epsilon, delta) reached after
+    #: ``rounds`` rounds; the noise multiplier is derived to meet it, and the run stops at it.
+    target_epsilon: PositiveFloat | None = None
+    #: Stop the federation before a round would spend more than this epsilon.
+    max_epsilon: PositiveFloat | None = None
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = 1e-5
     clipping_norm: PositiveFloat = 1.0
     target_clipped_quantile: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     clip_norm_lr: PositiveFloat = 0.2
@@ -195,6 +202,7 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
         if spec.min_sites < 2:
             problems.append(("min_sites", "SecAgg+ needs at least 2 sites per round"))
     problems += _weighting_problems(spec)
+    problems += _dp_problems(spec)
     if spec.strategy.name == "krum" and spec.min_sites < 2 * spec.strategy.krum_malicious_sites + 3:
         problems.append(
             ("strategy.krum_malicious_sites", "Krum needs min_sites >= 2 x krum_malicious_sites + 3")
@@ -258,4 +266,47 @@ def _weighting_problems(spec: FederationSpec) -> list[tuple[str, str]]:
                     f"not a site of this federation (sites: {', '.join(spec.sites)})",
                 )
             )
+    return problems
+
+
+#: Strategies whose aggregate is the mean of the (clipped) updates: the only ones DP noise is sized for.
+DP_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _dp_problems(spec: FederationSpec) -> list[tuple[str, str]]:
+    dp = spec.privacy.dp
+    if dp is None:
+        return []
+    problems: list[tuple[str, str]] = []
+    if spec.strategy.name not in DP_STRATEGIES:
+        problems.append(
+            (
+                "strategy.name",
+                f"DP noise is sized for the mean of clipped updates: with privacy.dp use one of "
+                f"{list(DP_STRATEGIES)}, not {spec.strategy.name!r}",
+            )
+        )
+    accounted = ("target_epsilon", "max_epsilon")
+    if dp.clipping == "adaptive":
+        problems += [
+            (
+                f"privacy.dp.{key}",
+                "needs clipping: fixed (only fixed clipping has an (epsilon, delta) account)",
+            )
+            for key in accounted
+            if getattr(dp, key) is not None
+        ]
+    if dp.target_epsilon is not None and dp.noise_multiplier is not None:
+        problems.append(
+            (
+                "privacy.dp.noise_multiplier",
+                "give noise_multiplier or target_epsilon (which derives it), not both",
+            )
+        )
+    if dp.clipping == "fixed" and dp.noise_multiplier == 0:
+        problems.append(
+            ("privacy.dp.noise_multiplier", "must be above 0: without noise there is no guarantee")
+        )
+    if dp.target_epsilon is not None and dp.max_epsilon is not None and dp.max_epsilon < dp.target_epsilon:
+        problems.append(("privacy.dp.max_epsilon", f"is below target_epsilon={dp.target_epsilon}"))
     return problems

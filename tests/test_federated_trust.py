@@ -175,3 +175,39 @@ def test_fedprox_keeps_a_sites_adapter_closer_to_the_global_one(
 
     free, proximal = drift(0.0), drift(2.0)
     assert proximal < 0.8 * free, (proximal, free)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum"])
+def test_robust_strategies_bound_a_byzantine_site_inside_the_norm_check(
+    name: str, write_spec: Any, reply_from: Any
+) -> None:
+    """One of five sites sends -3x the honest direction: it passes screening (3x the median norm),
+    FedAvg follows it, the robust strategies stay near the honest aggregate."""
+    from federated.strategy import build_strategy
+
+    rng = np.random.default_rng(0)
+    reference = adapter(0)
+    direction = {k: rng.normal(size=v.shape).astype(np.float32) * 0.05 for k, v in reference.items()}
+    honest = {
+        f"site_{i}": {
+            k: reference[k] + direction[k] + rng.normal(size=v.shape).astype(np.float32) * 0.005
+            for k, v in reference.items()
+        }
+        for i in range(4)
+    }
+    byzantine = {k: reference[k] - 3.0 * direction[k] for k in reference}
+
+    def round_of(strategy_name: str) -> dict[str, np.ndarray]:
+        fed = federation(write_spec, min_sites=5, strategy={"name": strategy_name, "krum_malicious_sites": 1})
+        replies = [reply_from(i + 1, s, a, 100) for i, (s, a) in enumerate(honest.items())]
+        replies.append(reply_from(9, "byzantine", byzantine, 100))
+        accepted, rejected = screen(replies, reference, fed)
+        assert not rejected, "the attack is inside every bound"
+        merged, _ = build_strategy(fed).aggregate_train(1, accepted)
+        assert merged is not None
+        return from_record(merged)
+
+    honest_mean = fedavg([Update(s, a, 1) for s, a in honest.items()])
+    step = distance(honest_mean, reference)  # how far one honest round moves the adapter
+    assert distance(round_of("fedavg"), honest_mean) > 0.7 * step  # FedAvg is dragged back past the start
+    assert distance(round_of(name), honest_mean) < 0.25 * step

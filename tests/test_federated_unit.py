@@ -106,19 +106,20 @@ def test_dp_wrappers_carry_the_spec_parameters(write_spec: Any) -> None:
 
 
 def test_strategy_state_survives_a_restart(write_spec: Any) -> None:
+    fedadam = fed_spec(write_spec, strategy={"name": "fedadam"})
+    strategy = build_strategy(fedadam)
+    strategy.m_t = {"w": np.arange(3.0)}
+    strategy.v_t = {"w": np.ones(3)}
     dp = {"clipping": "adaptive", "clipped_count_stddev": 1.0}
-    spec = fed_spec(write_spec, strategy={"name": "fedadam"}, privacy={"dp": dp})
-    strategy = build_strategy(spec)
-    inner = strategy.strategy
-    inner.m_t = {"w": np.arange(3.0)}
-    inner.v_t = {"w": np.ones(3)}
-    strategy.clipping_norm = 0.123
-    scalars, arrays = strategy_state(strategy)
-    fresh = build_strategy(spec)
-    restore_state(fresh, scalars, arrays)
-    assert fresh.clipping_norm == 0.123
-    np.testing.assert_array_equal(fresh.strategy.m_t["w"], np.arange(3.0))
-    np.testing.assert_array_equal(fresh.strategy.v_t["w"], np.ones(3))
+    adaptive_spec = fed_spec(write_spec, privacy={"dp": dp})
+    adaptive = build_strategy(adaptive_spec)
+    adaptive.clipping_norm = 0.123
+    fresh, fresh_adaptive = build_strategy(fedadam), build_strategy(adaptive_spec)
+    restore_state(fresh, *strategy_state(strategy))
+    restore_state(fresh_adaptive, *strategy_state(adaptive))
+    assert fresh_adaptive.clipping_norm == 0.123
+    np.testing.assert_array_equal(fresh.m_t["w"], np.arange(3.0))
+    np.testing.assert_array_equal(fresh.v_t["w"], np.ones(3))
 
 
 def adapter(seed: int, rank: int = 4) -> dict[str, np.ndarray]:

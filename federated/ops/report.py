@@ -17,14 +17,15 @@ SITE_COLUMNS = (
 
 
 def rounds_table(rows: list[dict[str, Any]]) -> Table:
-    """One line per (round, site): status, metrics before/after local training, bytes each way."""
+    """One line per (round, site): status, examples claimed and the weight counted, metrics
+    before/after local training, bytes each way."""
     table = Table(
         title="rounds (global = the adapter the site received, local = after its training)",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
     )
-    for title in ("round", "site", "status", "rows", *(t for _, t in SITE_COLUMNS), "sent", "recv"):
+    for title in ("round", "site", "status", "rows", "weight", *(t for _, t in SITE_COLUMNS), "sent", "recv"):
         left = title in ("site", "status")
         table.add_column(title, justify="left" if left else "right", no_wrap=True)
     for row in rows:
@@ -34,7 +35,8 @@ def rounds_table(rows: list[dict[str, Any]]) -> Table:
                 str(row["round"]),
                 site["site"],
                 site.get("status", "?"),
-                _int(metrics.get("num-examples")),
+                _int(metrics.get("claimed-examples", metrics.get("num-examples"))),
+                _int(metrics.get("num-examples")) if "claimed-examples" in metrics else "-",
                 *(_num(metrics.get(key)) for key, _ in SITE_COLUMNS),
                 _bytes(site.get("bytes_up")),
                 _bytes(site.get("bytes_down")),
@@ -53,7 +55,8 @@ def problems(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
-    """One line per round: time, server-side evaluation, and bytes per site against full weights."""
+    """One line per round: time, server-side evaluation, bytes per site against full weights, and
+    the epsilon spent so far under DP."""
     table = Table(
         title="global adapter per round", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
     )
@@ -66,6 +69,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
         "up/site",
         "full\nweights",
         "ratio",
+        "epsilon",
     ):
         table.add_column(title, justify="right", no_wrap=True)
     for row in rows:
@@ -82,6 +86,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
             _bytes(up) if up else "-",
             _bytes(full),
             f"{up / full:.2%}" if up and full else "-",
+            _num(row.get("privacy", {}).get("epsilon"), 2),
         )
     return table
 

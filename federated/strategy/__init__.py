@@ -14,7 +14,15 @@ from federated.strategy.aggregation import (
     validate_updates,
     weigh_updates,
 )
-from federated.strategy.privacy import DP_CLIPPING_KEY, SECAGG_RECORD, secagg_round, site_privacy_mod
+from federated.strategy.privacy import (
+    DP_CLIPPING_KEY,
+    SECAGG_RECORD,
+    epsilon_after,
+    privacy_spent,
+    restore_privacy,
+    secagg_round,
+    site_privacy_mod,
+)
 from federated.strategy.strategies import build_strategy, restore_state, strategy_state
 
 __all__ = [
@@ -23,8 +31,11 @@ __all__ = [
     "Rejection",
     "Update",
     "build_strategy",
+    "epsilon_after",
     "lora_pairs",
     "lora_product_average",
+    "privacy_spent",
+    "restore_privacy",
     "restore_state",
     "secagg_round",
     "site_privacy_mod",

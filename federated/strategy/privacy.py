@@ -26,6 +26,13 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from federated.sites import wait_for_sites
 from federated.spec import DPSpec, SecAggSpec
@@ -39,8 +46,21 @@ CLIPPING_NORM_KEY = "clipping_norm"
 DP_CLIPPING_KEY = "dp-clipping"
 
 
-def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int) -> Strategy:
-    """``strategy`` wrapped in the Flower DP wrapper the spec names."""
+#: Noise multipliers searched when deriving one from ``target_epsilon``.
+NOISE_SEARCH = (1e-3, 1e3)
+
+
+def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int, rounds: int) -> Strategy:
+    """``strategy`` wrapped in the Flower DP wrapper the spec names.
+
+    Fixed clipping is accounted: Flower's RDP accountant (over Google's dp-accounting) composes one
+    Gaussian release per round, every site of the ``sampled_sites`` taking part (no amplification by
+    sampling claimed), neighbouring federations differing by one site's data present or absent
+    (add-or-remove-one; the mean's denominator is fixed, so one site moves the sum by at most the
+    clipping norm). A round
+    with fewer updates than the noise is sized for is refused, and the run stops before a round that
+    would spend more than ``max_epsilon`` (or ``target_epsilon``).
+    """
     try:
         if dp.clipping == "fixed":
             fixed = (
@@ -48,7 +68,9 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int) -> Strategy
                 if dp.side == "server"
                 else DifferentialPrivacyClientSideFixedClipping
             )
-            return fixed(strategy, dp.noise_multiplier, dp.clipping_norm, sampled_sites)
+            noise = noise_multiplier(dp, sampled_sites, rounds)
+            accountant = RdpAccountant(privacy_config(dp, sampled_sites))
+            return fixed(strategy, noise, dp.clipping_norm, sampled_sites, accountant=accountant)
         adaptive = (
             DifferentialPrivacyServerSideAdaptiveClipping
             if dp.side == "server"
@@ -56,7 +78,7 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int) -> Strategy
         )
         return adaptive(
             strategy,
-            dp.noise_multiplier,
+            DEFAULT_NOISE if dp.noise_multiplier is None else dp.noise_multiplier,
             sampled_sites,
             initial_clipping_norm=dp.clipping_norm,
             target_clipped_quantile=dp.target_clipped_quantile,
@@ -65,6 +87,69 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int) -> Strategy
         )
     except ValueError as exc:
         raise FlotillaError(f"privacy.dp: {exc}") from None
+
+
+#: The noise multiplier when the spec gives neither it nor a target epsilon.
+DEFAULT_NOISE = 1.0
+
+
+def privacy_config(dp: DPSpec, sites: int) -> PrivacyConfig:
+    """Flower's accounting model for a federation where all ``sites`` take part in every round."""
+    return PrivacyConfig(
+        target_delta=dp.delta,
+        population_size=sites,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=dp.max_epsilon or dp.target_epsilon,
+    )
+
+
+def epsilon_after(noise: float, dp: DPSpec, sites: int, releases: int) -> float:
+    """Epsilon at ``dp.delta`` after ``releases`` rounds with ``noise`` (Flower's RDP accountant)."""
+    accountant = RdpAccountant(privacy_config(dp, sites))
+    accountant.compose(GaussianPrivacyEvent(noise, sites, sites), count=releases)
+    return accountant.get_epsilon(dp.delta)
+
+
+def noise_multiplier(dp: DPSpec, sites: int, rounds: int) -> float:
+    """The spec's noise multiplier, or the smallest that keeps ``rounds`` rounds within
+    ``target_epsilon``. A bisection, since epsilon falls monotonically as the noise grows; neither
+    Flower nor dp-accounting calibrates a noise multiplier against Flower's accounting model."""
+    if dp.target_epsilon is None:
+        return DEFAULT_NOISE if dp.noise_multiplier is None else dp.noise_multiplier
+    low, high = NOISE_SEARCH
+    if epsilon_after(high, dp, sites, rounds) > dp.target_epsilon:
+        raise FlotillaError(
+            f"privacy.dp.target_epsilon={dp.target_epsilon} cannot be met over {rounds} rounds even with "
+            f"noise multiplier {high:g}: raise it, or lower rounds"
+        )
+    for _ in range(60):
+        middle = (low * high) ** 0.5
+        low, high = (
+            (low, middle) if epsilon_after(middle, dp, sites, rounds) <= dp.target_epsilon else (middle, high)
+        )
+    return high
+
+
+def restore_privacy(strategy: Strategy, releases: int) -> None:
+    """After a server restart, account the ``releases`` rounds already aggregated under DP."""
+    accountant = getattr(strategy, "accountant", None)
+    if accountant is not None and releases:
+        sites = strategy.num_sampled_clients
+        accountant.compose(GaussianPrivacyEvent(strategy.noise_multiplier, sites, sites), count=releases)
+
+
+def privacy_spent(strategy: Strategy) -> dict[str, float] | None:
+    """The (epsilon, delta) spent so far and the noise used, for the round's metrics row."""
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is None:
+        return None
+    return {
+        "epsilon": float(spent.epsilon),
+        "delta": float(spent.delta),
+        "rounds": int(spent.num_releases),
+        "noise_multiplier": float(strategy.noise_multiplier),
+    }
 
 
 def site_privacy_mod(

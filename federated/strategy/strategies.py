@@ -61,8 +61,11 @@ class LoraProductAverage(FedAvg):
         return to_record(merged), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
-def build_strategy(fed: FederationSpec) -> Strategy:
-    """The strategy the federation spec asks for, DP-wrapped when ``privacy.dp`` is set."""
+def build_strategy(fed: FederationSpec, sampled_sites: int | None = None) -> Strategy:
+    """The strategy the federation spec asks for, DP-wrapped when ``privacy.dp`` is set.
+
+    ``sampled_sites``: how many updates every round aggregates, which DP noise is sized for
+    (default: the listed sites, at least ``min_sites``; the server passes the enrolled sites too)."""
     choice = fed.strategy
     common: dict[str, Any] = {
         "fraction_train": 1.0,
@@ -88,7 +91,7 @@ def build_strategy(fed: FederationSpec) -> Strategy:
     }
     strategy: Strategy = strategies[choice.name]()
     if fed.privacy.dp is not None:
-        strategy = wrap_with_dp(strategy, fed.privacy.dp, fed.expected_sites())
+        strategy = wrap_with_dp(strategy, fed.privacy.dp, sampled_sites or fed.expected_sites(), fed.rounds)
     return strategy
 
 
