@@ -8,6 +8,7 @@ site that answers under another site's name is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,11 +22,13 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
+from federated.ops.deploy import CONNECTION, flower_env, flwr_cli
 from federated.ops.keys import create_trial_keys, write_node_key
 from federated.rounds import RoundStore
+from federated.sites import site_names
 from launcher.backends.commands import free_port
 from launcher.processes import process_tree, stop_processes
-from tests.conftest import QUIET_ENV, REPO, tiny_job, wait_for
+from tests.conftest import QUIET_ENV, REPO, flotilla, tiny_job, wait_for
 
 Start = Callable[..., subprocess.Popen[str]]
 
@@ -174,3 +177,58 @@ def test_an_enrolled_site_cannot_answer_under_another_sites_name(
     )
     for key, value in global_a.items():
         np.testing.assert_allclose(value, trained_a[key], atol=1e-6)  # only site_a's update counts
+
+
+def superlink_nodes(work_dir: Path) -> dict[int, str]:
+    """Node id -> status as the SuperLink itself lists them (``flwr supernode list``, as the coordinator)."""
+    listed = flwr_cli(
+        ["supernode", "list", CONNECTION, "--format", "json"], flower_env(work_dir / "flwr-home")
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    return {int(n["node-id"]): n["status"] for n in json.loads(listed.stdout)["nodes"]}
+
+
+def test_a_revoked_site_is_refused_when_it_reconnects(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
+    keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
+    port = free_port()
+    job = write(
+        tmp_path / "job.yaml",
+        tiny_job(tiny_llama, tmp_path, data={"max_train_rows": 32, "max_validation_rows": 8}),
+    )
+    fed = federation_file(tmp_path, tiny_llama, port, "revocation", rounds=2)
+    server = start("fed", "server", str(fed), log="server.log")
+    wait_for(lambda: "2 site key(s) enrolled" in (tmp_path / "server.log").read_text(), 120, "the SuperLink")
+
+    def site(name: str, log: str) -> subprocess.Popen[str]:
+        spec = {
+            "site": name,
+            "job": str(job),
+            "superlink": f"127.0.0.1:{port}",
+            "ca_cert": str(keys.ca_cert),
+            "private_key": str(keys.site_keys[name][0]),
+            "work_dir": str(tmp_path / f"work-{name}"),
+        }
+        return start("fed", "site", str(write(tmp_path / f"{name}.site.yaml", spec)), log=log)
+
+    site("site_a", "site_a.log")
+    site_b = site("site_b", "site_b.log")
+    store = RoundStore(tmp_path / "out" / "revocation")
+    wait_for(lambda: store.last_completed() == 1, 400, "round 1")
+    assert {s["site"]: s["status"] for s in store.rows()[1]["sites"]} == {
+        "site_a": "accepted",
+        "site_b": "accepted",
+    }
+
+    (node_b,) = [node for node, name in site_names(store.work_dir).items() if name == "site_b"]
+    assert superlink_nodes(store.work_dir)[node_b] == "online"
+    revoked = flotilla("fed", "revoke", str(fed), "--site", "site_b")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "unregistered; its key is refused from its next connection" in revoked.stdout
+    assert superlink_nodes(store.work_dir)[node_b] == "unregistered"
+    kill_tree(site_b)
+    again = site("site_b", "site_b-again.log")
+    assert again.wait(timeout=120) == 2
+    assert "refused this SuperNode" in (tmp_path / "site_b-again.log").read_text()
+    assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert {s["site"]: s["status"] for s in store.rows()[2]["sites"]}["site_a"] == "accepted"
+    assert "site_b" not in {s["site"] for s in store.rows()[2]["sites"] if s["status"] == "accepted"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,22 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path, write_spec: A
     assert main(["fed", "simulate", str(spec), "--work-dir", str(tmp_path / "w")]) == 2
     missing = write_spec({**BASE, "server": {"keys": str(tmp_path / "nokeys")}}, "srv.yaml")
     assert main(["fed", "server", str(missing), "--work-dir", str(tmp_path / "w2")]) == 2
+
+
+def test_default_key_and_site_folders_are_ignored_by_git() -> None:
+    from federated.spec import ServerSpec, SiteSpec
+
+    keys, site_dir = ServerSpec().keys, SiteSpec.model_fields["work_dir"].default
+    for path in (f"{keys}/ca.key", f"{keys}/sites/site_a.key", f"{site_dir}/round-001/adapter/x"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, check=False).returncode == 0, (
+            path
+        )
+
+
+def test_replaced_private_keys_are_owner_only(tmp_path: Path) -> None:
+    create_trial_keys(tmp_path, ["site_a"])
+    key = tmp_path / "sites" / "site_a.key"
+    key.chmod(0o644)
+    create_trial_keys(tmp_path, ["site_a"], force=True)
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600

@@ -14,6 +14,7 @@ from federated.ops import deploy
 from federated.ops.keys import create_trial_keys
 from federated.ops.report import problems, rounds_table, summary_table
 from federated.rounds import RoundStore
+from federated.sites import forget_enrollment, revoke_site, site_names
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
 from launcher.errors import FlotillaError
@@ -50,6 +51,10 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Handler]) 
     p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     p.add_argument("--force", action="store_true", help="replace existing keys")
 
+    p = fed_sub.add_parser("revoke", help="remove a site's enrollment: its key is refused from now on")
+    _spec_args(p, "federation spec (fed.yaml)")
+    p.add_argument("--site", required=True, help="the site whose key to revoke")
+
     p = fed_sub.add_parser("report", help="per-round, per-site tables of a federation work dir")
     p.add_argument("work_dir")
 
@@ -59,6 +64,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Handler]) 
         "site": cmd_site,
         "keys": cmd_keys,
         "report": cmd_report,
+        "revoke": cmd_revoke,
     }
     commands["fed"] = lambda args: _needs_flower(handlers[args.fed_command], args)
 
@@ -176,6 +182,27 @@ def cmd_keys(args: argparse.Namespace) -> int:
     out.print(f"server TLS       {keys.server_cert}, {keys.server_key}   (coordinator only)")
     for site, (private, public) in keys.site_keys.items():
         out.print(f"site {site:<10}  {private} (that site only), {public} (enrolled by the server)")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    """Revoke a site: unregistered now if the SuperLink runs, else when ``fed server`` next starts."""
+    _, work_dir = _load(args)
+    nodes = {site: node for node, site in site_names(work_dir).items()}
+    revoke_site(work_dir, args.site)
+    node = nodes.get(args.site)
+    done = deploy.unregister(node, deploy.flower_env(work_dir / "flwr-home")) if node is not None else None
+    if done:
+        forget_enrollment(work_dir, node)
+        out.print(
+            f"revoked {args.site}: node {node} unregistered; its key is refused from its next connection",
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"revoked {args.site}: its key is unregistered and never enrolled again when `fed server` starts",
+            soft_wrap=True,
+        )
     return 0
 
 

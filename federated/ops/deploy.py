@@ -20,7 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federated.sites import remember_site_names
+from federated.sites import (
+    enrollments,
+    forget_enrollment,
+    key_fingerprint,
+    remember_enrollment,
+    revoked_sites,
+)
 from federated.spec import FederationSpec, SiteSpec
 from launcher.errors import FlotillaError
 from launcher.processes import process_tree, stop_processes
@@ -208,9 +214,8 @@ def start_superlink(fed: FederationSpec, work_dir: Path, files: ServerFiles | No
     try:
         wait_for_port(fed.server.host, fed.server.port, daemon)
         write_connection(home, f"{fed.server.host}:{fed.server.port}", files.ca_cert if files else None)
-        names = {node: key.stem for key in (files.enrolled if files else []) if (node := enroll(key, env))}
-        if names:
-            remember_site_names(work_dir, names)
+        if files is not None:
+            sync_enrollments(work_dir, files.enrolled, env)
     except BaseException:
         daemon.stop()
         raise
@@ -239,6 +244,31 @@ def enroll(public_key: Path, env: dict[str, str]) -> int | None:
     if "already" not in printed.lower():
         raise FlotillaError(f"cannot enroll {public_key}: {printed.strip()[-600:]}")
     return None
+
+
+def sync_enrollments(work_dir: Path, keys: list[Path], env: dict[str, str]) -> None:
+    """Make the SuperLink's enrollments those of ``keys``: unregister a node whose site was revoked
+    or whose key was replaced (``fed keys --force``) or dropped, then enroll every current key."""
+    current = {key.stem: key_fingerprint(key) for key in keys}
+    revoked = revoked_sites(work_dir)
+    for node, enrollment in enrollments(work_dir).items():
+        if enrollment.site in revoked or current.get(enrollment.site) != enrollment.key:
+            if unregister(node, env) is False:
+                raise FlotillaError(f"cannot unregister {enrollment.site} (node {node}) from the SuperLink")
+            forget_enrollment(work_dir, node)
+    for key in keys:
+        if key.stem not in revoked and (node := enroll(key, env)):
+            remember_enrollment(work_dir, node, key.stem, current[key.stem])
+
+
+def unregister(node: int, env: dict[str, str]) -> bool | None:
+    """Remove ``node``'s enrollment from the SuperLink: True when done, None when the SuperLink
+    does not know the node, False when it could not be asked (no SuperLink running)."""
+    result = flwr_cli(["supernode", "unregister", str(node), CONNECTION, "--format", "json"], env)
+    if result.returncode == 0:
+        return True
+    printed = (result.stdout + result.stderr).lower()
+    return None if any(word in printed for word in ("not found", "does not exist", "unknown")) else False
 
 
 def submit_run(app_dir: Path, spec_file: Path, work_dir: Path, env: dict[str, str]) -> int:

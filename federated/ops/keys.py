@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,9 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
+    """Write ``data``; a private key is owner-only (0600) before its first byte is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     if private:
-        path.chmod(0o600)
+        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode (fed keys --force)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
