@@ -84,6 +84,33 @@ def federation_file(tmp_path: Path, model: Path, port: int, name: str, **changes
     return write(tmp_path / "fed.yaml", spec)
 
 
+def site_file(
+    tmp_path: Path, port: int, ca_cert: Path, name: str, key: Path, job: Path, declared: str = ""
+) -> Path:
+    """The site spec of SuperNode ``name`` (its key, job and work dir), declaring ``declared`` (default: its name)."""
+    spec = {
+        "site": declared or name,
+        "job": str(job),
+        "superlink": f"127.0.0.1:{port}",
+        "ca_cert": str(ca_cert),
+        "private_key": str(key),
+        "work_dir": str(tmp_path / f"work-{name}"),
+    }
+    return write(tmp_path / f"{name}.site.yaml", spec)
+
+
+def shared_job(tmp_path: Path, model: Path) -> Path:
+    """One small local job both sites train."""
+    return write(
+        tmp_path / "job.yaml",
+        tiny_job(model, tmp_path, data={"max_train_rows": 32, "max_validation_rows": 8}),
+    )
+
+
+def wait_enrolled(log: Path) -> None:
+    wait_for(lambda: "2 site key(s) enrolled" in log.read_text(), 120, "the SuperLink")
+
+
 def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
     keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
     rogue_key, _ = write_node_key(tmp_path / "rogue")
@@ -94,21 +121,12 @@ def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Pa
     fed = federation_file(tmp_path, tiny_llama, port, "deployed", rounds=2, seed=7)
 
     def site_spec(name: str, key: Path) -> Path:
-        spec = {
-            "site": name,
-            "job": str(tmp_path / "site_a.job.yaml" if name == "rogue" else tmp_path / f"{name}.job.yaml"),
-            "superlink": f"127.0.0.1:{port}",
-            "ca_cert": str(keys.ca_cert),
-            "private_key": str(key),
-            "work_dir": str(tmp_path / f"work-{name}"),
-        }
-        return write(tmp_path / f"{name}.site.yaml", spec)
+        job = tmp_path / ("site_a.job.yaml" if name == "rogue" else f"{name}.job.yaml")
+        return site_file(tmp_path, port, keys.ca_cert, name, key, job)
 
     store = RoundStore(tmp_path / "out" / "deployed")
     server = start("fed", "server", str(fed), log="server-1.log")
-    wait_for(
-        lambda: "2 site key(s) enrolled" in (tmp_path / "server-1.log").read_text(), 120, "the SuperLink"
-    )
+    wait_enrolled(tmp_path / "server-1.log")
     assert "https://127.0.0.1" in (store.work_dir / "superlink.log").read_text()
     site_a = start("fed", "site", str(site_spec("site_a", keys.site_keys["site_a"][0])), log="site_a.log")
     site_b = start("fed", "site", str(site_spec("site_b", keys.site_keys["site_b"][0])), log="site_b.log")
@@ -145,23 +163,13 @@ def test_an_enrolled_site_cannot_answer_under_another_sites_name(
     the real site_a's update is aggregated."""
     keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
     port = free_port()
-    job = write(
-        tmp_path / "job.yaml",
-        tiny_job(tiny_llama, tmp_path, data={"max_train_rows": 32, "max_validation_rows": 8}),
-    )
+    job = shared_job(tmp_path, tiny_llama)
     fed = federation_file(tmp_path, tiny_llama, port, "impersonation", rounds=1)
     server = start("fed", "server", str(fed), log="server.log")
-    wait_for(lambda: "2 site key(s) enrolled" in (tmp_path / "server.log").read_text(), 120, "the SuperLink")
-    for key_of, declared in (("site_a", "site_a"), ("site_b", "site_a")):
-        spec = {
-            "site": declared,
-            "job": str(job),
-            "superlink": f"127.0.0.1:{port}",
-            "ca_cert": str(keys.ca_cert),
-            "private_key": str(keys.site_keys[key_of][0]),
-            "work_dir": str(tmp_path / f"work-{key_of}"),
-        }
-        start("fed", "site", str(write(tmp_path / f"{key_of}.site.yaml", spec)), log=f"{key_of}.log")
+    wait_enrolled(tmp_path / "server.log")
+    for key_of in ("site_a", "site_b"):  # site_b's SuperNode declares itself site_a
+        spec = site_file(tmp_path, port, keys.ca_cert, key_of, keys.site_keys[key_of][0], job, "site_a")
+        start("fed", "site", str(spec), log=f"{key_of}.log")
     assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
     store = RoundStore(tmp_path / "out" / "impersonation")
     sites = {s["site"]: s for s in store.rows()[1]["sites"]}
@@ -191,24 +199,14 @@ def superlink_nodes(work_dir: Path) -> dict[int, str]:
 def test_a_revoked_site_is_refused_when_it_reconnects(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
     keys = create_trial_keys(tmp_path / "keys", ["site_a", "site_b"])
     port = free_port()
-    job = write(
-        tmp_path / "job.yaml",
-        tiny_job(tiny_llama, tmp_path, data={"max_train_rows": 32, "max_validation_rows": 8}),
-    )
+    job = shared_job(tmp_path, tiny_llama)
     fed = federation_file(tmp_path, tiny_llama, port, "revocation", rounds=2)
     server = start("fed", "server", str(fed), log="server.log")
-    wait_for(lambda: "2 site key(s) enrolled" in (tmp_path / "server.log").read_text(), 120, "the SuperLink")
+    wait_enrolled(tmp_path / "server.log")
 
     def site(name: str, log: str) -> subprocess.Popen[str]:
-        spec = {
-            "site": name,
-            "job": str(job),
-            "superlink": f"127.0.0.1:{port}",
-            "ca_cert": str(keys.ca_cert),
-            "private_key": str(keys.site_keys[name][0]),
-            "work_dir": str(tmp_path / f"work-{name}"),
-        }
-        return start("fed", "site", str(write(tmp_path / f"{name}.site.yaml", spec)), log=log)
+        spec = site_file(tmp_path, port, keys.ca_cert, name, keys.site_keys[name][0], job)
+        return start("fed", "site", str(spec), log=log)
 
     site("site_a", "site_a.log")
     site_b = site("site_b", "site_b.log")

@@ -14,7 +14,7 @@ from federated.ops import deploy
 from federated.ops.keys import create_trial_keys
 from federated.ops.report import problems, rounds_table, summary_table
 from federated.rounds import RoundStore
-from federated.sites import forget_enrollment, revoke_site, site_names
+from federated.sites import forget_enrollment, revoke_site, revoked_sites, site_names
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
 from launcher.errors import FlotillaError
@@ -123,7 +123,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     spec_file.write_text(fed.model_dump_json(indent=2), encoding="utf-8")
     superlink = deploy.start_superlink(fed, work_dir, files)
     env = deploy.flower_env(work_dir / "flwr-home")
-    enrolled = len(files.enrolled) if files else 0
+    enrolled = len({key.stem for key in files.enrolled} - revoked_sites(work_dir)) if files else 0
     console.print(
         f"SuperLink on {fed.server.host}:{fed.server.port}, {enrolled} site key(s) enrolled (log {superlink.log})"
     )
