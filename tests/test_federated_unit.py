@@ -226,6 +226,9 @@ def test_pyproject_flower_app_matches_the_deployed_components() -> None:
     app = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     generated = tomllib.loads(deploy.APP_PYPROJECT)["tool"]["flwr"]["app"]
     assert app["components"] == generated["components"]
+    assert app["fab-include"] == generated["fab-include"] == ["README.md"], (
+        "the app that travels holds no code"
+    )
     assert set(app["config"]) == set(generated["config"])
     assert "federations" not in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]
 
