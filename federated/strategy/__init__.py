@@ -17,7 +17,6 @@ from federated.strategy.aggregation import (
 from federated.strategy.privacy import (
     DP_CLIPPING_KEY,
     SECAGG_RECORD,
-    epsilon_after,
     privacy_spent,
     restore_privacy,
     secagg_round,
@@ -31,7 +30,6 @@ __all__ = [
     "Rejection",
     "Update",
     "build_strategy",
-    "epsilon_after",
     "lora_pairs",
     "lora_product_average",
     "privacy_spent",

@@ -61,6 +61,7 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int, rounds: int
     with fewer updates than the noise is sized for is refused, and the run stops before a round that
     would spend more than ``max_epsilon`` (or ``target_epsilon``).
     """
+    noise = noise_multiplier(dp, sampled_sites, rounds)
     try:
         if dp.clipping == "fixed":
             fixed = (
@@ -68,7 +69,6 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int, rounds: int
                 if dp.side == "server"
                 else DifferentialPrivacyClientSideFixedClipping
             )
-            noise = noise_multiplier(dp, sampled_sites, rounds)
             accountant = RdpAccountant(privacy_config(dp, sampled_sites))
             return fixed(strategy, noise, dp.clipping_norm, sampled_sites, accountant=accountant)
         adaptive = (
@@ -78,7 +78,7 @@ def wrap_with_dp(strategy: Strategy, dp: DPSpec, sampled_sites: int, rounds: int
         )
         return adaptive(
             strategy,
-            DEFAULT_NOISE if dp.noise_multiplier is None else dp.noise_multiplier,
+            noise,
             sampled_sites,
             initial_clipping_norm=dp.clipping_norm,
             target_clipped_quantile=dp.target_clipped_quantile,
