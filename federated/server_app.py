@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log  # Flower's logger: shown in simulation and by `flwr log`
 
 from federated.adapters import GlobalModel, from_record, record_bytes, to_record
+from federated.fingerprints import base_model_sha256, code_sha256
+from federated.policy import POLICY_REFUSED, announcement
 from federated.rounds import RoundStore
 from federated.sites import site_names, wait_for_sites
 from federated.spec import FederationSpec
@@ -87,6 +90,7 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
     _write_run_files(work_dir, fed)
     enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
     strategy = build_strategy(fed, sampled_sites=max(fed.expected_sites(), len(enrolled)))
+    announce = _announcer(fed, strategy)
     done = store.last_completed()
     if done is None:
         arrays = model.arrays()
@@ -111,7 +115,7 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
         started = time.time()
         try:
             arrays, row, payload = _run_round(
-                grid, context, fed, strategy, arrays, server_round, names, enrolled
+                grid, context, fed, strategy, announce, arrays, server_round, names, enrolled
             )
         except PrivacyBudgetExhausted as exc:
             log(WARNING, "privacy budget spent, stopping before round %d: %s", server_round, exc)
@@ -134,6 +138,22 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
         log(INFO, "round %d done in %.1f s: %s", server_round, row["seconds"], _short(row))
 
 
+Announce = Callable[[int], dict[str, Any]]
+
+
+def _announcer(fed: FederationSpec, strategy: Strategy) -> Announce:
+    """What the server tells the sites with every round, given the round's number of sites: its
+    model and code fingerprints (hashed once) and its accounted DP, for the sites' policies."""
+    try:
+        model: str | None = base_model_sha256(fed.model)
+    except FlotillaError:
+        model = None  # a hub model: nothing local to fingerprint, and a site pinning one refuses
+    code = code_sha256()
+    accounted = getattr(strategy, "accountant", None) is not None  # fixed clipping only
+    noise = float(strategy.noise_multiplier) if accounted else None  # type: ignore[attr-defined]
+    return lambda sites: announcement(sites, model, code, fed.privacy.dp, noise, fed.rounds)
+
+
 def _wait_for_start_sites(grid: Grid, fed: FederationSpec) -> None:
     """Before the first round, wait up to ``round_timeout`` for ``start_sites`` connected sites."""
     wanted = fed.start_sites or fed.min_sites
@@ -153,6 +173,7 @@ def _run_round(
     context: Context,
     fed: FederationSpec,
     strategy: Strategy,
+    announce: Announce,
     arrays: dict[str, np.ndarray],
     rnd: int,
     names: dict[int, str],
@@ -164,9 +185,11 @@ def _run_round(
     the names fixed at enrollment, which replies are credited to.
     """
     if fed.privacy.secagg is not None:
-        return _secagg_round(grid, context, fed, arrays, rnd, names, enrolled)
+        return _secagg_round(grid, context, fed, announce, arrays, rnd, names, enrolled)
     record = to_record(arrays)
     messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed)), grid))
+    for message in messages:
+        message.content["config"].update(announce(len(messages)))
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
     received = {r.metadata.message_id: describe_payload(r) for r in replies if not r.has_error()}  # as sent
     accepted, rejections = screen(replies, arrays, fed, enrolled)
@@ -308,7 +331,7 @@ def _site_rows(
     for reply in replies:
         node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_error():
-            rows[node] = {"node": node, "status": "error", "reason": reply.error.reason}
+            rows[node] = {"node": node, "status": error_status(reply), "reason": reply.error.reason}
             continue
         site = names[node] = site_identity(reply, enrolled)[0]
         metrics = reply.content.metric_records.get("metrics")
@@ -328,6 +351,14 @@ def _site_rows(
         row.setdefault("site", names.get(node, f"node-{node}"))
         row["bytes_down"] = bytes_down
     return list(rows.values())
+
+
+def error_status(reply: Message) -> str:
+    """``refused`` for a site that declined the round under its policy, else ``error``; logged."""
+    if reply.error.code == POLICY_REFUSED:
+        log(WARNING, "node %d refused the round: %s", reply.metadata.src_node_id, reply.error.reason)
+        return "refused"
+    return "error"
 
 
 def describe_payload(reply: Message) -> dict[str, Any]:
@@ -364,6 +395,7 @@ def _secagg_round(
     grid: Grid,
     context: Context,
     fed: FederationSpec,
+    announce: Announce,
     arrays: dict[str, np.ndarray],
     rnd: int,
     names: dict[int, str],
@@ -372,7 +404,14 @@ def _secagg_round(
     """A SecAgg+ round: only the weighted mean is ever unmasked on the server."""
     assert fed.privacy.secagg is not None
     outcome = secagg_round(
-        grid, context, arrays, rnd, round_config(fed), fed.privacy.secagg, fed.min_sites, fed.round_timeout
+        grid,
+        context,
+        arrays,
+        rnd,
+        lambda sites: {**round_config(fed), **announce(sites)},
+        fed.privacy.secagg,
+        fed.min_sites,
+        fed.round_timeout,
     )
     bytes_down = record_bytes(to_record(arrays))
     rows: dict[int, dict[str, Any]] = {}
@@ -383,7 +422,7 @@ def _secagg_round(
             node, {"node": node, "status": "dropped", "bytes_down": bytes_down, "bytes_up": 0}
         )
         if reply.has_error():
-            row.update(status="error", reason=reply.error.reason)
+            row.update(status=error_status(reply), reason=reply.error.reason)
             continue
         secagg = reply.content.config_records.get(SECAGG_RECORD, {})
         row["bytes_up"] += sum(_value_size(v).get("bytes", 0) for v in secagg.values())
@@ -402,7 +441,11 @@ def _secagg_round(
 
 
 def _problems(sites: list[dict[str, Any]]) -> str:
-    bad = [f"{s['site']}: {s['status']}" for s in sites if s.get("status") != "accepted"]
+    bad = [
+        f"{s['site']}: {s['status']}" + (f" ({s['reason']})" if s.get("reason") else "")
+        for s in sites
+        if s.get("status") != "accepted"
+    ]
     return "; ".join(bad) or "no site answered"
 
 

@@ -159,6 +159,32 @@ class FederationSpec(Section):
         return max(len(self.sites), self.min_sites)
 
 
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Fingerprints(Section):
+    """sha256 pins (``flotilla fed fingerprint site.yaml`` prints this site's)."""
+
+    #: The base model: the site's own copy and the one the server announces must both match.
+    base_model: Sha256 | None = None
+    #: The code: Flotilla's sources and the versions of the libraries that train and aggregate, as
+    #: installed at this site and as the server announces them.
+    code: Sha256 | None = None
+
+
+class SitePolicy(Section):
+    """What a site requires of the server's request before it trains a round."""
+
+    require_secagg: bool = False
+    #: Require client-side DP clipping (the site clips its own update) at most this norm.
+    max_clipping_norm: PositiveFloat | None = None
+    #: Require accounted DP whose epsilon over the federation's rounds, recomputed here, is at most this.
+    max_epsilon: PositiveFloat | None = None
+    #: Train only in rounds with at least this many sites.
+    min_sites: PositiveInt | None = None
+    fingerprints: Fingerprints = Field(default_factory=Fingerprints)
+
+
 class SiteSpec(Section):
     """One organization's side of a deployment (``flotilla fed site``)."""
 
@@ -169,6 +195,7 @@ class SiteSpec(Section):
     private_key: str | None = None
     insecure: bool = False
     work_dir: str = "fed-site"
+    policy: SitePolicy = Field(default_factory=SitePolicy)
 
 
 def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
@@ -210,6 +237,20 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
     return problems
 
 
+def site_problems(site: SiteSpec) -> list[tuple[str, str]]:
+    """Cross-field problems of a site spec as ``(key path, message)``."""
+    policy = site.policy
+    if policy.require_secagg and (policy.max_epsilon or policy.max_clipping_norm):
+        return [
+            (
+                "policy",
+                "require_secagg cannot be met together with max_epsilon or max_clipping_norm: a "
+                "federation uses either privacy.secagg or privacy.dp",
+            )
+        ]
+    return []
+
+
 def load_federation(path: Path, overrides: list[str] | None = None) -> FederationSpec:
     """Load, override, validate a federation spec and make its local paths absolute."""
     spec = load_yaml_model(FederationSpec, path, overrides or [], [federation_problems])
@@ -225,7 +266,7 @@ def load_federation(path: Path, overrides: list[str] | None = None) -> Federatio
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteSpec:
     """Load and validate a site spec, with its local paths made absolute."""
-    site = load_yaml_model(SiteSpec, path, overrides or [], [])
+    site = load_yaml_model(SiteSpec, path, overrides or [], [site_problems])
     site.job = resolve_path(site.job, path, absolute=True)
     site.work_dir = resolve_path(site.work_dir, path, absolute=True)
     if site.ca_cert:

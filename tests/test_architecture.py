@@ -1,6 +1,6 @@
 """The dependency rule of the house (README, "Architecture"), read from every module's imports.
 
-- ``launcher.{errors,atomic,rundir,processes}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
+- ``launcher.{errors,atomic,rundir,processes,hashing}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
   ``model`` -> spec; ``plan`` -> spec, model; ``train`` -> spec, data, model, plan; ``backends`` ->
   spec, plan, train, and a backend never imports a sibling backend; ``cli`` -> the packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
@@ -22,7 +22,14 @@ import pytest
 from tests.conftest import REPO
 
 ROOTS = ("launcher", "federated")
-BASE = {"launcher", "launcher.errors", "launcher.atomic", "launcher.rundir", "launcher.processes"}
+BASE = {
+    "launcher",
+    "launcher.errors",
+    "launcher.atomic",
+    "launcher.rundir",
+    "launcher.processes",
+    "launcher.hashing",
+}
 #: What each layer may import, besides itself and the base modules.
 ALLOWED = {
     "spec": set(),

@@ -85,10 +85,18 @@ def federation_file(tmp_path: Path, model: Path, port: int, name: str, **changes
 
 
 def site_file(
-    tmp_path: Path, port: int, ca_cert: Path, name: str, key: Path, job: Path, declared: str = ""
+    tmp_path: Path,
+    port: int,
+    ca_cert: Path,
+    name: str,
+    key: Path,
+    job: Path,
+    declared: str = "",
+    policy: dict[str, Any] | None = None,
 ) -> Path:
-    """The site spec of SuperNode ``name`` (its key, job and work dir), declaring ``declared`` (default: its name)."""
-    spec = {
+    """The site spec of SuperNode ``name`` (its key, job, work dir and policy), declaring
+    ``declared`` (default: its name)."""
+    spec: dict[str, Any] = {
         "site": declared or name,
         "job": str(job),
         "superlink": f"127.0.0.1:{port}",
@@ -96,6 +104,8 @@ def site_file(
         "private_key": str(key),
         "work_dir": str(tmp_path / f"work-{name}"),
     }
+    if policy is not None:
+        spec["policy"] = policy
     return write(tmp_path / f"{name}.site.yaml", spec)
 
 
@@ -107,8 +117,8 @@ def shared_job(tmp_path: Path, model: Path) -> Path:
     )
 
 
-def wait_enrolled(log: Path) -> None:
-    wait_for(lambda: "2 site key(s) enrolled" in log.read_text(), 120, "the SuperLink")
+def wait_enrolled(log: Path, sites: int = 2) -> None:
+    wait_for(lambda: f"{sites} site key(s) enrolled" in log.read_text(), 120, "the SuperLink")
 
 
 def test_tls_node_auth_dropout_and_server_restart(tiny_llama: Path, tmp_path: Path, start: Start) -> None:
@@ -230,3 +240,74 @@ def test_a_revoked_site_is_refused_when_it_reconnects(tiny_llama: Path, tmp_path
     assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
     assert {s["site"]: s["status"] for s in store.rows()[2]["sites"]}["site_a"] == "accepted"
     assert "site_b" not in {s["site"] for s in store.rows()[2]["sites"] if s["status"] == "accepted"}
+
+
+def test_each_site_policy_refuses_a_round_that_falls_short_and_says_why(
+    tiny_llama: Path, tmp_path: Path, start: Start
+) -> None:
+    """Six enrolled sites, one round of a plain FedAvg request (no SecAgg+, no DP): each site whose
+    policy the request does not meet refuses before training, in its own record and in the server's
+    round report; the sites whose policy it meets (pins included) are aggregated."""
+    job = shared_job(tmp_path, tiny_llama)
+    pins = fingerprints(tmp_path, job)
+    policies: dict[str, dict[str, Any]] = {
+        "plain": {},
+        "pinned": {"min_sites": 6, "fingerprints": pins},
+        "secagg": {"require_secagg": True},
+        "clipping": {"max_clipping_norm": 1.0},
+        "crowd": {"min_sites": 7},
+        "model_pin": {"fingerprints": {**pins, "base_model": "0" * 64}},
+    }
+    keys = create_trial_keys(tmp_path / "keys", list(policies))
+    port = free_port()
+    fed = federation_file(tmp_path, tiny_llama, port, "policies", rounds=1, start_sites=len(policies))
+    server = start("fed", "server", str(fed), log="server.log")
+    wait_enrolled(tmp_path / "server.log", len(policies))
+    for name, policy in policies.items():
+        spec = site_file(tmp_path, port, keys.ca_cert, name, keys.site_keys[name][0], job, policy=policy)
+        start("fed", "site", str(spec), log=f"{name}.log")
+    assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+
+    store = RoundStore(tmp_path / "out" / "policies")
+    sites = {s["site"]: s for s in store.rows()[1]["sites"]}
+    assert {name: s["status"] for name, s in sites.items()} == {
+        "plain": "accepted",
+        "pinned": "accepted",
+        "secagg": "refused",
+        "clipping": "refused",
+        "crowd": "refused",
+        "model_pin": "refused",
+    }
+    expected = {
+        "secagg": "the policy requires SecAgg+ but the round is not secure-aggregated",
+        "clipping": "client-side clipping at most 1 but the round asks for no client-side clipping",
+        "crowd": "the round has 6 site(s), fewer than the policy's min_sites 7",
+        "model_pin": "the server announces sha256",
+    }
+    server_log = (store.work_dir / "serverapp.log").read_text()
+    for name, reason in expected.items():
+        assert reason in sites[name]["reason"], sites[name]
+        assert f"site {name} refuses the round" in server_log
+        (refusal,) = [
+            json.loads(line) for line in (tmp_path / f"work-{name}" / "refused-rounds.jsonl").open()
+        ]
+        assert reason in refusal["reason"]  # the site's own record
+        assert f"site {name} refuses the round" in (tmp_path / f"work-{name}" / "supernode.log").read_text()
+        assert not (tmp_path / f"work-{name}" / "round-001").exists(), "a refusing site trains nothing"
+    assert "this site's base model" in sites["model_pin"]["reason"]  # its own copy is checked too
+    assert "code" not in sites["model_pin"]["reason"]  # the code pin holds, on both sides
+    global_1 = load_file(str(store.adapter_dir(1) / "adapter_model.safetensors"))
+    trained = [
+        load_file(str(tmp_path / f"work-{name}" / "round-001" / "adapter" / "adapter_model.safetensors"))
+        for name in ("plain", "pinned")
+    ]
+    for key, value in global_1.items():  # equal weights: the same data at both sites
+        np.testing.assert_allclose(value, (trained[0][key] + trained[1][key]) / 2, atol=1e-5)
+
+
+def fingerprints(tmp_path: Path, job: Path) -> dict[str, str]:
+    """The pins ``flotilla fed fingerprint`` prints for a site training ``job`` with this checkout."""
+    spec = write(tmp_path / "probe.site.yaml", {"site": "probe", "job": str(job), "insecure": True})
+    printed = flotilla("fed", "fingerprint", str(spec))
+    assert printed.returncode == 0, printed.stderr
+    return yaml.safe_load(printed.stdout)["policy"]["fingerprints"]

@@ -34,6 +34,7 @@ from federated.task import RoundOrder, fit_rank
 from launcher.errors import FlotillaError, SpecError
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 BASE = {
     "name": "unit",
     "model": {"path": "tiny"},
@@ -130,15 +131,6 @@ def adapter(seed: int, rank: int = 4) -> dict[str, np.ndarray]:
         "m.q.lora_B.weight": rng.normal(size=(5, rank)).astype(np.float32) * 0.1,
         "m.head.weight": rng.normal(size=(2, 6)).astype(np.float32),
     }
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are stamped with the running task's identity; give this process one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
 
 
 def reply(site: str, arrays: dict[str, np.ndarray], examples: int) -> Message:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
+from federated.fingerprints import base_model_sha256, code_sha256
 from federated.ops import deploy
 from federated.ops.keys import create_trial_keys
 from federated.ops.report import problems, rounds_table, summary_table
@@ -18,6 +21,7 @@ from federated.sites import forget_enrollment, revoke_site, revoked_sites, site_
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
 from launcher.errors import FlotillaError
+from launcher.plan import load_job
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -55,6 +59,11 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Handler]) 
     _spec_args(p, "federation spec (fed.yaml)")
     p.add_argument("--site", required=True, help="the site whose key to revoke")
 
+    p = fed_sub.add_parser(
+        "fingerprint", help="sha256 of the base model and the code, as a site's policy pins them"
+    )
+    p.add_argument("spec", help="site spec (site.yaml: its job's model) or federation spec (fed.yaml)")
+
     p = fed_sub.add_parser("report", help="per-round, per-site tables of a federation work dir")
     p.add_argument("work_dir")
 
@@ -65,6 +74,7 @@ def add_commands(sub: argparse._SubParsersAction, commands: dict[str, Handler]) 
         "keys": cmd_keys,
         "report": cmd_report,
         "revoke": cmd_revoke,
+        "fingerprint": cmd_fingerprint,
     }
     commands["fed"] = lambda args: _needs_flower(handlers[args.fed_command], args)
 
@@ -203,6 +213,21 @@ def cmd_revoke(args: argparse.Namespace) -> int:
             f"revoked {args.site}: its key is unregistered and never enrolled again when `fed server` starts",
             soft_wrap=True,
         )
+    return 0
+
+
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """Print the ``policy.fingerprints`` block for this installation and the spec's base model."""
+    path = Path(args.spec)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        data = None  # the federation loader below reports what is wrong with the file
+    is_site = isinstance(data, dict) and "site" in data
+    model = load_job(Path(load_site(path).job), []).model if is_site else load_federation(path).model
+    pins = {"policy": {"fingerprints": {"base_model": base_model_sha256(model), "code": code_sha256()}}}
+    print(f"# {model.path} and the code installed here ({sys.executable})")  # YAML to paste: unwrapped
+    print(yaml.safe_dump(pins, sort_keys=False).rstrip())
     return 0
 
 

@@ -28,6 +28,7 @@ from federated.sites import (
     revoked_sites,
 )
 from federated.spec import FederationSpec, SiteSpec
+from launcher.atomic import write_json_atomic
 from launcher.errors import FlotillaError
 from launcher.processes import process_tree, stop_processes
 
@@ -315,9 +316,15 @@ def server_log(run_id: int, env: dict[str, str]) -> str:
 # ------------------------------------------------------------------------------------------------ site
 
 
+#: The site's policy as the ClientApp reads it, in the site's work dir.
+POLICY_FILE = "policy.json"
+
+
 def supernode_command(site: SiteSpec, runtime_port: int) -> list[str]:
-    """``flower-supernode`` for a site: its CA, its node key, and the node config naming its job."""
-    node_config = f'site="{site.site}" job="{site.job}" work-dir="{site.work_dir}"'
+    """``flower-supernode`` for a site: its CA, its node key, and the node config naming its job
+    and its policy."""
+    policy = Path(site.work_dir) / POLICY_FILE
+    node_config = f'site="{site.site}" job="{site.job}" work-dir="{site.work_dir}" policy="{policy}"'
     command = ["flower-supernode", "--superlink", site.superlink, "--node-config", node_config]
     command += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
     if site.insecure:
@@ -343,6 +350,7 @@ def start_supernode(site: SiteSpec, runtime_port: int) -> Daemon:
         if path and not Path(path).is_file():
             raise FlotillaError(f"site {site.site}: {path} does not exist")
     work_dir = Path(site.work_dir)
+    write_json_atomic(work_dir / POLICY_FILE, site.policy.model_dump(mode="json"))
     env = flower_env(work_dir / "flwr-home")
     return start_daemon(
         f"flower-supernode ({site.site})",

@@ -15,8 +15,10 @@ from federated.strategy.aggregation import (
     weigh_updates,
 )
 from federated.strategy.privacy import (
+    CLIPPING_NORM_KEY,
     DP_CLIPPING_KEY,
     SECAGG_RECORD,
+    epsilon_after,
     privacy_spent,
     restore_privacy,
     secagg_round,
@@ -25,11 +27,13 @@ from federated.strategy.privacy import (
 from federated.strategy.strategies import build_strategy, restore_state, strategy_state
 
 __all__ = [
+    "CLIPPING_NORM_KEY",
     "DP_CLIPPING_KEY",
     "SECAGG_RECORD",
     "Rejection",
     "Update",
     "build_strategy",
+    "epsilon_after",
     "lora_pairs",
     "lora_product_average",
     "privacy_spent",

@@ -201,12 +201,13 @@ def secagg_round(
     context: Context,
     global_arrays: Mapping[str, np.ndarray],
     server_round: int,
-    fit_config: dict[str, Any],
+    fit_config: Callable[[int], dict[str, Any]],
     settings: SecAggSpec,
     min_sites: int,
     timeout: float,
 ) -> SecAggOutcome:
-    """One round of SecAgg+ FedAvg over the adapter arrays (legacy workflow API)."""
+    """One round of SecAgg+ FedAvg over the adapter arrays (legacy workflow API); ``fit_config``
+    gives the sites' train config for the number of sites taking part."""
     from flwr.compat.common.parameter import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, parameters_to_arrayrecord
     from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -217,13 +218,13 @@ def secagg_round(
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
     keys = list(global_arrays)
-    config = {**fit_config, "server-round": server_round, "array-keys": "\n".join(keys)}
+    config = {"server-round": server_round, "array-keys": "\n".join(keys)}
     strategy = LegacyFedAvg(
-        fraction_fit=1.0,
+        fraction_fit=1.0,  # every available site takes part
         fraction_evaluate=0.0,
         min_fit_clients=min_sites,
         min_available_clients=min_sites,
-        on_fit_config_fn=lambda _round: dict(config),
+        on_fit_config_fn=lambda _round: {**fit_config(legacy.client_manager.num_available()), **config},
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy)
     parameters = ndarrays_to_parameters([np.asarray(global_arrays[k]) for k in keys])

@@ -15,6 +15,7 @@ from launcher.data.encode import encode_row, row_text
 from launcher.data.read import LoadedRows, read_source
 from launcher.data.report import DataReport, SourceReport, length_percentiles
 from launcher.errors import DataError
+from launcher.hashing import sha256_file
 from launcher.spec import DataSource, DataSpec
 
 TRAIN_PROBE_ROWS = 64
@@ -183,10 +184,4 @@ def _mix(parts: list[datasets.Dataset], weights: list[float], seed: int) -> data
 def fingerprint(path: str) -> str:
     """sha256 of a local data file (or the name, for a hub dataset)."""
     file = Path(path)
-    if not file.is_file():
-        return f"hub:{path}"
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(file) if file.is_file() else f"hub:{path}"

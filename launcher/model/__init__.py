@@ -15,6 +15,7 @@ from launcher.model.load import (
     loadable_source,
     matching_parameters,
 )
+from launcher.model.source import model_sha256
 
 __all__ = [
     "apply_peft",
@@ -25,4 +26,5 @@ __all__ = [
     "load_tokenizer",
     "loadable_source",
     "matching_parameters",
+    "model_sha256",
 ]

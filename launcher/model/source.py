@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import FlotillaError
+from launcher.hashing import digest_of, folder_hashes, sha256_file
 from launcher.model.assets import BUNDLED_MODELS, resolve_alias
 
 
@@ -67,3 +68,15 @@ def gguf_cache_dir(source: ModelSource) -> Path:
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     root = Path(os.environ.get("FLOTILLA_CACHE", Path.home() / ".cache" / "flotilla"))
     return root / "gguf" / f"{gguf.stem}-{key[:16]}"
+
+
+def model_sha256(path: str, gguf_file: str | None = None) -> str:
+    """The fingerprint of a local model: sha256 of its GGUF file, or one sha256 over every file of
+    its directory (names and contents). A hub id has no local bytes to fingerprint: an error."""
+    source = resolve_model_source(path, gguf_file)
+    if not source.is_local:
+        raise FlotillaError(f"model.path: {path!r} is a hub id; only a local model can be fingerprinted")
+    folder = Path(source.name_or_path)
+    if source.gguf_file:
+        return sha256_file(folder / source.gguf_file)
+    return digest_of(folder_hashes(folder))

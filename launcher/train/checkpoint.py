@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from launcher.atomic import publish_dir, staging_dir, write_json_atomic
 from launcher.errors import CheckpointError
+from launcher.hashing import folder_hashes
 
 MANIFEST = "flotilla-checkpoint.json"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -21,15 +21,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (the manifest itself excluded)."""
-    hashes = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(chunk)
-            hashes[str(path.relative_to(folder))] = digest.hexdigest()
-    return hashes
+    return folder_hashes(folder, exclude=[MANIFEST])
 
 
 def seal_checkpoint(staged: Path, final: Path, step: int) -> None:
