@@ -11,6 +11,7 @@ from launcher.errors import REQUEUE_EXIT_CODE
 from tests.conftest import (
     assert_adapter_reloads_equal,
     flotilla,
+    loss_log,
     losses,
     only_run_dir,
     start_flotilla,
@@ -52,8 +53,15 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
     process.wait()
     run_dir = only_run_dir(tmp_path / "killed" / "runs")
     assert not (run_dir / "summary.json").exists()
+    saved = max(
+        int(p.parent.name.split("-")[1]) for p in run_dir.glob("checkpoints/*/flotilla-checkpoint.json")
+    )
+    logged_before = len(loss_log(run_dir))
     resumed = flotilla("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"checkpoint-{saved}" in resumed.stdout + resumed.stderr  # it said where it resumed from
+    after_resume = [step for step, _ in loss_log(run_dir)[logged_before:]]
+    assert after_resume == list(range(saved + 1, 9)), "the resumed run starts after its last checkpoint"
     resumed_losses = losses(run_dir)
     assert max(resumed_losses) == 8
     for step in range(4, 9):
