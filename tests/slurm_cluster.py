@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unavailable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEV_CLUSTER = REPO_ROOT / "slurm" / "dev-cluster"
 REQUIRED_BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
@@ -204,11 +206,11 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         missing = _missing_binaries()
         if missing:
-            pytest.skip(
+            unavailable(
                 f"Slurm dev cluster: {', '.join(missing)} not installed and not root; "
                 "run `sudo bash slurm/dev-cluster/install.sh` (or run the tests as root)"
             )
-        pytest.skip("Slurm dev cluster needs root (daemons run as root in private mount namespaces)")
+        unavailable("Slurm dev cluster needs root (daemons run as root in private mount namespaces)")
 
     install = _script("install.sh", timeout=600)
     if install.returncode != 0:

@@ -25,6 +25,7 @@ from tests.conftest import (
     DATA,
     assert_adapter_reloads_equal,
     flotilla,
+    import_or_unavailable,
     loss_log,
     only_run_dir,
     start_flotilla,
@@ -32,7 +33,7 @@ from tests.conftest import (
     wait_for,
 )
 
-pytest.importorskip("ray.train")
+import_or_unavailable("ray.train")
 
 BAD_DATA = DATA / "bad" / "bad_json.jsonl"
 #: Rich wraps the CLI's messages at 80 columns when captured; keep each on one line.

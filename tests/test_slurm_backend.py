@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, assert_adapter_reloads_equal, flotilla, losses, tiny_job
+from tests.conftest import (
+    REPO,
+    assert_adapter_reloads_equal,
+    flotilla,
+    import_or_unavailable,
+    losses,
+    tiny_job,
+)
 from tests.slurm_cluster import SlurmCluster
 
 STEPS = 16
@@ -269,7 +276,7 @@ def test_deepspeed_launcher_and_a_restart_budget_of_one(
 ) -> None:
     """DeepSpeed's launcher per node (ZeRO-3): two interruptions, each checkpointed; the second
     exhausts ``max_restarts: 1`` and the job ends FAILED with the reason in its log."""
-    pytest.importorskip("deepspeed")
+    import_or_unavailable("deepspeed")
     spec = slurm_job(tiny_llama, tmp_path, max_restarts=1)
     spec["resources"].update(launcher="deepspeed", zero={"stage": 3})
     spec["eval"]["at_start"] = False
