@@ -36,3 +36,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_owner_only(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file that is owner-only (0600) before its first byte, also when it
+    existed with a wider mode (private keys, forwarded environments)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)

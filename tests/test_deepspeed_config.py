@@ -215,3 +215,20 @@ def test_preflight_names_the_unreachable_master() -> None:
     assert result.returncode == 3, result.stderr[-2000:]
     message = " ".join(result.stdout.split())
     assert "rank 1 on" in message and f"could not reach the rendezvous at 127.0.0.1:{port}" in message
+
+
+def test_the_forwarded_environment_is_owner_only_and_keeps_secrets_off_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from launcher.backends.deepspeed import _write_forwarded_env
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    monkeypatch.setenv("HF_HOME", "/data/hf")
+    monkeypatch.setenv("NCCL_API_KEY", "k")
+    env_file = _write_forwarded_env(tmp_path)
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    written = env_file.read_text()
+    assert "HF_HOME=/data/hf" in written
+    assert "hf_secret_value" not in written and "NCCL_API_KEY" not in written
+    monkeypatch.setenv("FLOTILLA_FORWARD_SECRETS", "HF_TOKEN")
+    assert "HF_TOKEN=hf_secret_value" in _write_forwarded_env(tmp_path).read_text()  # listed: forwarded

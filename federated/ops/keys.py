@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from launcher.atomic import write_owner_only
 from launcher.errors import FlotillaError
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -147,8 +147,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     """Write ``data``; a private key is owner-only (0600) before its first byte is written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     if private:
-        os.fchmod(fd, 0o600)  # also when the file existed with a wider mode (fed keys --force)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+        write_owner_only(path, data)
+    else:
+        path.write_bytes(data)

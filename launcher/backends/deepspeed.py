@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from launcher.atomic import write_owner_only
 from launcher.backends.base import RunHandle, follow_logs
 from launcher.backends.commands import (
     free_port,
@@ -37,6 +38,9 @@ from launcher.rundir import run_state
 HOSTFILE_ENV = "FLOTILLA_HOSTFILE"
 #: Prefixes of environment variables the pdsh runner forwards to the other nodes.
 FORWARDED_ENV = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "GLOO_", "FLOTILLA_", "TORCH_")
+#: Parts of a variable's name that mark it as a secret, kept off disk unless listed.
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+SECRETS_LISTED = "FLOTILLA_FORWARD_SECRETS"
 LOG_FILE = "launcher.log"
 EXIT_FILE = "launcher.exit"
 CANCEL_FILE = "launcher.cancelled"
@@ -148,13 +152,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
+    """The variables remote ranks get: the forwarded prefixes, less secrets (a name containing
+    TOKEN, KEY, SECRET or PASSWORD) unless ``FLOTILLA_FORWARD_SECRETS`` lists the name."""
+    listed = {name.strip() for name in environ.get(SECRETS_LISTED, "").split(",") if name.strip()}
+    return {
+        k: v
+        for k, v in sorted(environ.items())
+        if k.startswith(FORWARDED_ENV)
+        and "\n" not in v
+        and (k in listed or not any(word in k.upper() for word in SECRET_WORDS))
+    }
+
+
 def _write_forwarded_env(run_dir: Path) -> Path:
-    """Variables the remote ranks need, in DeepSpeed's env file format (read through ``DS_ENV_FILE``)."""
-    lines = [
-        f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(FORWARDED_ENV) and "\n" not in v
-    ]
+    """Variables the remote ranks need, in DeepSpeed's env file format (read through ``DS_ENV_FILE``),
+    owner-only."""
     env_file = run_dir / "deepspeed.env"
-    env_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = [f"{k}={v}" for k, v in forwarded_env(dict(os.environ)).items()]
+    write_owner_only(env_file, ("\n".join(lines) + "\n").encode())
     return env_file
 
 
