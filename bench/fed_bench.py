@@ -11,7 +11,12 @@ Aggregation: ``federated/aggregation.py`` on 100 sites' adapters of that shape (
 a different random perturbation per site): update validation, FedAvg, and the LoRA-aware product
 average.
 
-    python bench/fed_bench.py [--sites 100] [--repeats 3] [--json out.json]
+SmolLM2 q/v aggregation (no model needed): 100 sites' independent random LoRA factors of
+SmolLM2-135M's shapes (r 8 on q_proj 576->576 and v_proj 576->192, 30 layers; a flat spectrum, the
+slow case for a truncated SVD): FedAvg, the LoRA-product average (top-rank triplets on the factors),
+and the previous implementation of it (dense SVD of every ΔW) for the ratio and an accuracy check.
+
+    python bench/fed_bench.py [--sites 100] [--repeats 3] [--json out.json] [--qv-only]
 """
 
 from __future__ import annotations
@@ -143,6 +148,125 @@ def aggregation_times(
     }
 
 
+#: SmolLM2-135M: hidden size 576, 3 key/value heads of 64, 30 layers.
+QV_SHAPES = {"q_proj": (576, 576), "v_proj": (192, 576)}
+QV_LAYERS = 30
+
+
+def qv_updates(sites: int, seed: int, rank: int = 8) -> list[Any]:
+    """``sites`` updates with independent random LoRA factors on SmolLM2-135M's q_proj and v_proj."""
+    from federated.strategy.aggregation import Update
+
+    rng = np.random.default_rng(seed)
+    updates = []
+    for i in range(sites):
+        arrays = {}
+        for layer in range(QV_LAYERS):
+            for name, (out_dim, in_dim) in QV_SHAPES.items():
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+                a = rng.standard_normal((rank, in_dim), dtype=np.float32) / np.float32(np.sqrt(in_dim))
+                arrays[f"{prefix}.lora_A.weight"] = a
+                arrays[f"{prefix}.lora_B.weight"] = (
+                    rng.standard_normal((out_dim, rank), dtype=np.float32) * 1e-3
+                )
+        updates.append(Update(f"site-{i}", arrays, int(rng.integers(50, 500))))
+    return updates
+
+
+def dense_product_average(updates: list[Any], rank: int) -> dict[str, np.ndarray]:
+    """The LoRA-product average as implemented before the truncated solver: ΔW formed per module
+    (stacked by concatenation) and a full dense SVD of it (QR core when the stacked rank is small)."""
+    from federated.strategy import aggregation as agg
+
+    weights = agg._weights(updates)
+    keys = agg._check_same_keys(updates)
+    factors = agg._site_factors(updates, weights, None, 1.0)
+    pairs = agg.lora_pairs(keys)
+    result = {key: agg._weighted_mean(updates, key, weights) for key in agg._plain_keys(keys, pairs)}
+    for a_key, b_key in pairs.values():
+        b_cat = np.concatenate(
+            [f * np.asarray(u.arrays[b_key], np.float64) for u, f in zip(updates, factors, strict=True)], 1
+        )
+        a_cat = np.concatenate([np.asarray(u.arrays[a_key], np.float64) for u in updates], 0)
+        if b_cat.shape[1] < min(b_cat.shape[0], a_cat.shape[1]):
+            q_b, r_b = np.linalg.qr(b_cat)
+            q_a, r_a = np.linalg.qr(a_cat.T)
+            u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
+            u, vt = q_b @ u_core, vt_core @ q_a.T
+        else:
+            u, s, vt = np.linalg.svd(b_cat @ a_cat, full_matrices=False)
+        root = np.sqrt(s[:rank])
+        result[b_key] = (u[:, :rank] * root).astype(np.float32)
+        result[a_key] = (root[:, None] * vt[:rank]).astype(np.float32)
+    return {key: result[key] for key in keys}
+
+
+def qv_aggregation(sites: int, repeats: int, seed: int) -> dict[str, Any]:
+    """Seconds of FedAvg, the LoRA-product average and its dense predecessor on SmolLM2 q/v updates,
+    how far the two products are apart (relative Frobenius, worst module), and how far the ratio of
+    their errors ||ΔW - B A||_F is from 1 (worst module; the dense one is the Eckart-Young optimum)."""
+    from federated.strategy.aggregation import fedavg, lora_pairs, lora_product_average
+
+    rank = 8
+    updates = qv_updates(sites, seed, rank)
+    new: dict[str, np.ndarray] = {}
+    old: dict[str, np.ndarray] = {}
+    times = {
+        "fedavg": timed(lambda: fedavg(updates), repeats),
+        "lora_product_average": timed(lambda: new.update(lora_product_average(updates, rank)), repeats),
+        "dense_product_average": timed(lambda: old.update(dense_product_average(updates, rank)), repeats),
+    }
+    total = sum(u.num_examples for u in updates)
+    worst_gap, worst_error_deviation = 0.0, 0.0
+    for a_key, b_key in lora_pairs(new).values():
+        got = new[b_key].astype(np.float64) @ new[a_key].astype(np.float64)
+        ref = old[b_key].astype(np.float64) @ old[a_key].astype(np.float64)
+        worst_gap = max(worst_gap, float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+        delta = sum(
+            u.num_examples / total * (u.arrays[b_key].astype(np.float64) @ u.arrays[a_key].astype(np.float64))
+            for u in updates
+        )
+        ratio = float(np.linalg.norm(delta - got) / np.linalg.norm(delta - ref))
+        worst_error_deviation = max(worst_error_deviation, abs(ratio - 1))
+    return {
+        "modules": len(lora_pairs(new)),
+        "rank": rank,
+        "seconds": times,
+        "vs_dense_product_max_relative_difference": worst_gap,
+        "error_over_dense_error_max_deviation": worst_error_deviation,
+    }
+
+
+def wait_until_idle(pattern: str, poll_s: float, max_wait_s: float) -> bool:
+    """Poll ``pgrep -f pattern`` until it finds nothing but this process and its parents (whose
+    command lines hold the pattern); False if still busy after ``max_wait_s``."""
+    import subprocess
+
+    import psutil
+
+    me = psutil.Process()
+    own = {me.pid, *(parent.pid for parent in me.parents())}
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if not {int(pid) for pid in found} - own:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
+def print_times(label: str, clocks: dict[str, list[float]]) -> None:
+    """One line: wall min/median/max against the 1 s goal, and median CPU seconds."""
+    wall, cpu = clocks["wall"], clocks["cpu"]
+    met = "yes" if statistics.median(wall) < AGGREGATION_GOAL_S else "NO"
+    print(
+        f"{label}: wall {min(wall):.3f} / {statistics.median(wall):.3f} / "
+        f"{max(wall):.3f} s (min/median/max; goal < {AGGREGATION_GOAL_S:g} s: {met}), "
+        f"CPU median {statistics.median(cpu):.3f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure and print; ``--json`` also writes every number."""
     parser = argparse.ArgumentParser(description="bytes per round per site, and aggregation time")
@@ -156,8 +280,49 @@ def main(argv: list[str] | None = None) -> int:
         help="BLAS threads while aggregating (default 1: on a busy machine more threads spin-wait)",
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--qv-only", action="store_true", help="only the SmolLM2 q/v aggregation (no model, no Flower)"
+    )
+    parser.add_argument(
+        "--wait-idle",
+        metavar="PATTERN",
+        help="before timing, wait (poll 20 s, at most 15 min) until `pgrep -f PATTERN` finds nothing",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+    idle = None
+    if args.wait_idle:
+        idle = wait_until_idle(args.wait_idle, 20.0, 900.0)
+        if not idle:
+            print(f"still busy after 15 min (pgrep -f {args.wait_idle!r} matches): measuring anyway")
+    with threadpool_limits(args.blas_threads):
+        qv = qv_aggregation(args.sites, args.repeats, args.seed)
+    qv_seconds = qv["seconds"]
+    ratio = statistics.median(qv_seconds["dense_product_average"]["wall"]) / statistics.median(
+        qv_seconds["lora_product_average"]["wall"]
+    )
+    qv["dense_over_lora_product_average"] = ratio
+    label = f"of {args.sites} sites, SmolLM2-135M q/v (r 8, {qv['modules']} modules, random factors)"
+    print_times(f"FedAvg {label}", qv_seconds["fedavg"])
+    print_times(f"LoRA-product average {label}", qv_seconds["lora_product_average"])
+    print_times(f"dense LoRA-product average (previous) {label}", qv_seconds["dense_product_average"])
+    print(
+        f"dense / truncated: {ratio:.1f}x; products differ by at most "
+        f"{qv['vs_dense_product_max_relative_difference']:.1e} (relative Frobenius, worst module), "
+        f"|error / dense (optimal) error - 1| <= {qv['error_over_dense_error_max_deviation']:.1e}"
+    )
+    qv_results = {
+        "sites": args.sites,
+        "blas_threads": args.blas_threads,
+        "qv_aggregation": qv,
+        "waited_until_idle": idle,
+        "load_average": os.getloadavg(),
+    }
+    if args.qv_only:
+        if args.json:
+            args.json.write_text(json.dumps(qv_results, indent=2))
+        return 0
 
     state, file_bytes, full_bytes = adapter_and_full_size(args.seed)
     arrays = {k: v.numpy() for k, v in state.items()}
@@ -177,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "sites": args.sites,
         "blas_threads": args.blas_threads,
         "aggregation_seconds": times,
+        "qv_aggregation": qv,
+        "waited_until_idle": idle,
         "load_average": os.getloadavg(),
     }
     mib = 2**20
@@ -194,13 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['vs_full']:.4f}x full weights"
         )
     for name, clocks in times.items():
-        wall, cpu = clocks["wall"], clocks["cpu"]
-        met = "yes" if statistics.median(wall) < AGGREGATION_GOAL_S else "NO"
-        print(
-            f"{name} of {args.sites} sites: wall {min(wall):.3f} / {statistics.median(wall):.3f} / "
-            f"{max(wall):.3f} s (min/median/max; goal < {AGGREGATION_GOAL_S:g} s: {met}), "
-            f"CPU median {statistics.median(cpu):.3f} s"
-        )
+        print_times(f"{name} of {args.sites} sites", clocks)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from federated.strategy import aggregation
 from federated.strategy.aggregation import (
     Update,
     fedavg,
@@ -293,6 +294,71 @@ def test_product_average_heterogeneous_ranks_is_svd_optimum(
         # Eckart-Young: the residual is exactly the discarded singular values.
         residual = np.linalg.norm(target - got)
         assert residual == pytest.approx(np.sqrt(np.sum(s[4:] ** 2)), rel=1e-4)
+
+
+def _best_rank_k(target: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Dense-SVD best rank-k approximation of ``target`` and its Eckart-Young error."""
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vt[:k], float(np.sqrt(np.sum(s[k:] ** 2)))
+
+
+@pytest.mark.parametrize(
+    ("ranks", "rank", "out_dim", "in_dim"),
+    [
+        ([8] * 12, 4, 64, 48),  # R = 96 >= min(out, in) = 48: no QR core, top triplets only
+        ([8] * 12, 8, 64, 48),
+        ([2, 4, 8, 16] * 3, 4, 64, 48),  # heterogeneous ranks, R = 90
+        ([1, 3, 16, 4, 8] * 3, 6, 48, 64),  # wide module, R = 96
+    ],
+)
+def test_product_average_many_terms_is_dense_svd_optimum(
+    rng: np.random.Generator,
+    monkeypatch: pytest.MonkeyPatch,
+    ranks: list[int],
+    rank: int,
+    out_dim: int,
+    in_dim: int,
+) -> None:
+    """Stacked rank R >= min(out, in): B @ A is the dense SVD's best rank-k ΔW (Eckart-Young)."""
+    solved = []  # what the iterative top-triplet solver returned (None: fell back to an exact SVD)
+    top_triplets = aggregation._top_triplets
+
+    def spy(*args: object) -> object:
+        found = top_triplets(*args)
+        solved.append(found)
+        return found
+
+    monkeypatch.setattr(aggregation, "_top_triplets", spy)
+    updates = [
+        Update(f"s{i}", make_adapter(rng, out_dim=out_dim, in_dim=in_dim, rank=r, head=False), int(n))
+        for i, (r, n) in enumerate(zip(ranks, rng.integers(10, 200, len(ranks)), strict=True))
+    ]
+    assert sum(ranks) >= min(out_dim, in_dim)
+    out = lora_product_average(updates, rank=rank)
+    again = lora_product_average(updates, rank=rank)
+    for i in range(2):
+        target = mean_product(updates, _a(i), _b(i))
+        optimum, optimal_error = _best_rank_k(target, rank)
+        assert out[_b(i)].shape == (out_dim, rank)
+        assert out[_a(i)].shape == (rank, in_dim)
+        got = out[_b(i)].astype(np.float64) @ out[_a(i)].astype(np.float64)
+        assert np.linalg.norm(got - optimum) <= 1e-6 * np.linalg.norm(optimum)
+        assert np.linalg.norm(target - got) == pytest.approx(optimal_error, rel=1e-6)
+        np.testing.assert_array_equal(again[_a(i)], out[_a(i)])  # deterministic
+        np.testing.assert_array_equal(again[_b(i)], out[_b(i)])
+    assert len(solved) == 4
+    assert all(found is not None for found in solved)
+
+
+def test_product_average_many_terms_pads_and_keeps_low_rank_exact(rng: np.random.Generator) -> None:
+    """Identical sites: ΔW has rank 3 although R = 60 > 40; the result is exact, the rest zeros."""
+    site = make_adapter(rng, out_dim=40, in_dim=50, rank=3, head=False)
+    updates = [Update(f"s{i}", site, 1) for i in range(20)]
+    out = lora_product_average(updates, rank=5)
+    got = out[_b(0)].astype(np.float64) @ out[_a(0)].astype(np.float64)
+    target = mean_product(updates, _a(0), _b(0))
+    assert np.linalg.norm(got - target) <= 1e-6 * np.linalg.norm(target)
+    assert np.abs(out[_b(0)][:, 3:]).max() <= 1e-6 * np.abs(out[_b(0)]).max()
 
 
 def test_product_average_applies_scales(rng: np.random.Generator) -> None:

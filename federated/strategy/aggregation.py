@@ -9,11 +9,14 @@ plain arrays. Arithmetic is done in float64; results are returned as float32.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 Arrays = dict[str, np.ndarray]
 
@@ -303,15 +306,30 @@ def _product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     return np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
 
 
+#: Stacked rank-1 terms per wanted direction above which the top triplets are found iteratively.
+#: Below it an exact decomposition costs about as much as the Krylov space a solver would build
+#: (576 x 576, rank 8: QR core 2.1 ms vs PROPACK 2.1 ms at 64 terms, 25 vs 5 ms at 256).
+_ITERATIVE_TERMS_PER_RANK = 8
+
+
 def _truncated_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-``rank`` factors ``(B, A)`` of ``b_cat @ a_cat``, split as U√S, √S Vᵀ.
 
-    When the stacked rank is below ``min(out, in)`` the SVD is taken of the small
-    core ``R_B R_Aᵀ`` from thin QRs of the factors, never forming the dense product.
-    Missing directions (rank above the product's rank) are zero-padded.
+    Many stacked terms (``R = b_cat.shape[1]`` well above ``rank``, e.g. 100 sites x r 8 = 800 on
+    576-dim modules, where the QR shortcut no longer applies): only the top ``rank`` triplets are
+    computed, by Lanczos bidiagonalization on the factors (:func:`_top_triplets`), never forming
+    the dense product. Otherwise, when ``R`` is below ``min(out, in)`` the SVD is taken of the small
+    core ``R_B R_Aᵀ`` from thin QRs of the factors; else (``rank`` a large share of a small module)
+    of the dense product. Missing directions (rank above the product's rank) are zero-padded.
     """
     out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
-    if b_cat.shape[1] < min(out_dim, in_dim):
+    stacked, smallest = b_cat.shape[1], min(out_dim, in_dim)
+    found = None
+    if stacked > _ITERATIVE_TERMS_PER_RANK * rank and 4 * rank <= smallest:
+        found = _top_triplets(b_cat, a_cat, rank)
+    if found is not None:
+        u, s, vt = found
+    elif stacked < smallest:
         q_b, r_b = np.linalg.qr(b_cat)
         q_a, r_a = np.linalg.qr(a_cat.T)
         u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
@@ -325,6 +343,42 @@ def _truncated_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple
     b[:, :keep] = u[:, :keep] * root
     a[:keep] = root[:, None] * vt[:keep]
     return b, a
+
+
+def _top_triplets(
+    b_cat: np.ndarray, a_cat: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Top ``rank`` singular triplets of ``b_cat @ a_cat`` (descending), or ``None`` if unconverged.
+
+    Why not dense: a full SVD of ΔW computes all min(out, in) triplets where ``rank`` are kept, and
+    forming ΔW costs out·R·in. ``scipy.sparse.linalg.svds(solver="propack")`` (Lanczos
+    bidiagonalization) only applies ΔW and ΔWᵀ through the factors, ``b_cat @ (a_cat @ x)``.
+    100 sites x r 8 on SmolLM2-135M's 30 q_proj + 30 v_proj (random factors, 1 core): 0.8 s vs
+    2.8 s dense; ARPACK (eigsh on ΔWᵀΔW) took 1.6 s, and a randomized range finder (block 16)
+    needed 80-120 power iterations to match to 1.4e-6, as σ_rank ≈ σ_rank+1 there. Measured against
+    the dense SVD, also with σ_rank / σ_rank+1 = 1.0007: B A within 2e-8 (relative Frobenius) of
+    the best rank-``rank`` approximation, its error equal to Eckart-Young's to 1e-15. Seeded start
+    vector and generator: deterministic. PROPACK not converging within the capped Krylov
+    dimension raises, and the caller then takes an exact SVD.
+    """
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
+    operator = LinearOperator(
+        (out_dim, in_dim),
+        matvec=lambda x: b_cat @ (a_cat @ x),
+        rmatvec=lambda y: a_cat.T @ (b_cat.T @ y),
+        dtype=np.float64,
+    )
+    generator = np.random.default_rng(0)
+    start = generator.standard_normal(out_dim)
+    krylov_cap = min(min(out_dim, in_dim), max(20 * rank, 160))
+    try:
+        u, s, vt = svds(operator, k=rank, solver="propack", v0=start, maxiter=krylov_cap, rng=generator)
+    except np.linalg.LinAlgError:
+        return None
+    order = np.argsort(s)[::-1]
+    return u[:, order], np.maximum(s[order], 0.0), vt[order]
 
 
 def lora_product_average(
@@ -363,11 +417,39 @@ def lora_product_average(
     result: Arrays = {}
     for key in _plain_keys(keys, pairs):
         result[key] = _weighted_mean(updates, key, weights)
-    for a_key, b_key in pairs.values():
-        b_cat, a_cat = _stack_pair(updates, factors, a_key, b_key)
-        b, a = _truncated_factors(b_cat, a_cat, rank)
+
+    def refit(pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        b_cat, a_cat = _stack_pair(updates, factors, *pair)
+        return _truncated_factors(b_cat, a_cat, rank)
+
+    # Modules are independent: up to _MAX_WORKERS threads refit them concurrently (BLAS releases
+    # the GIL), each with one BLAS thread, as the solver's matrix-vector products are memory-bound
+    # and a multi-threaded BLAS only contends (100 sites x 60 SmolLM2 q/v modules on 2 cores: serial
+    # 0.9 s, 2 threads 0.6-0.8 s, serial with 2 BLAS threads 1.3-1.7 s). A module's result depends
+    # only on its inputs, so scheduling does not change the output.
+    work = list(pairs.values())
+    workers = min(len(work), _MAX_WORKERS)
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                refitted = list(pool.map(refit, work))
+        else:
+            refitted = [refit(pair) for pair in work]
+    for (a_key, b_key), (b, a) in zip(work, refitted, strict=True):
         result[a_key], result[b_key] = a.astype(np.float32), b.astype(np.float32)
     return {key: result[key] for key in keys}
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+#: Threads that refit LoRA modules concurrently in :func:`lora_product_average`.
+_MAX_WORKERS = max(1, min(4, _cpu_count()))
 
 
 def _site_factors(
@@ -392,21 +474,37 @@ def _site_factors(
 def _stack_pair(
     updates: Sequence[Update], factors: np.ndarray, a_key: str, b_key: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stack [f_1 B_1 | f_2 B_2 | ...] and [A_1; A_2; ...] so their product is ΔW."""
-    b_parts, a_parts = [], []
-    for update, factor in zip(updates, factors, strict=True):
-        a = np.asarray(update.arrays[a_key], dtype=np.float64)
-        b = np.asarray(update.arrays[b_key], dtype=np.float64)
-        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != a.shape[0]:
+    """Stack [f_1 B_1 | f_2 B_2 | ...] and [A_1; A_2; ...] so their product is ΔW (float64).
+
+    Filled in place (one float64 cast-and-scale per site and side; ``b_cat`` is the transpose of a
+    row-major ``[R, out]`` array), not concatenated from per-site float64 copies: with 100 sites
+    that took 0.5 s of a 60-module aggregation, this 0.05-0.1 s.
+    """
+    ranks = []
+    for update in updates:
+        a_shape, b_shape = np.shape(update.arrays[a_key]), np.shape(update.arrays[b_key])
+        if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
             raise ValueError(
-                f"site {update.site_id!r}: {b_key!r} {b.shape} @ {a_key!r} {a.shape} "
+                f"site {update.site_id!r}: {b_key!r} {b_shape} @ {a_key!r} {a_shape} "
                 "is not a valid LoRA product"
             )
-        b_parts.append(factor * b)
-        a_parts.append(a)
-    if len({p.shape[0] for p in b_parts}) != 1 or len({p.shape[1] for p in a_parts}) != 1:
+        ranks.append(a_shape[0])
+    out_dims = {np.shape(u.arrays[b_key])[0] for u in updates}
+    in_dims = {np.shape(u.arrays[a_key])[1] for u in updates}
+    if len(out_dims) != 1 or len(in_dims) != 1:
         raise ValueError(f"module {a_key!r}: out/in dimensions differ across sites")
-    return np.concatenate(b_parts, axis=1), np.concatenate(a_parts, axis=0)
+    # B is stacked transposed, [R, out], so that every site's block is contiguous rows.
+    b_rows = np.empty((sum(ranks), out_dims.pop()))
+    a_cat = np.empty((sum(ranks), in_dims.pop()))
+    start = 0
+    for update, factor, r in zip(updates, factors, ranks, strict=True):
+        np.multiply(
+            np.transpose(update.arrays[b_key]), factor, out=b_rows[start : start + r], dtype=np.float64
+        )
+        a_cat[start : start + r] = update.arrays[a_key]
+        start += r
+    b_cat = b_rows.T
+    return b_cat, a_cat
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
