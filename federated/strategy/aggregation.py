@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse.linalg import LinearOperator, svds
 from threadpoolctl import threadpool_limits
 
 Arrays = dict[str, np.ndarray]
@@ -361,7 +362,6 @@ def _top_triplets(
     vector and generator: deterministic. PROPACK not converging within the capped Krylov
     dimension raises, and the caller then takes an exact SVD.
     """
-    from scipy.sparse.linalg import LinearOperator, svds
 
     out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
     operator = LinearOperator(
