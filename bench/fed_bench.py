@@ -188,13 +188,7 @@ def dense_product_average(updates: list[Any], rank: int) -> dict[str, np.ndarray
             [f * np.asarray(u.arrays[b_key], np.float64) for u, f in zip(updates, factors, strict=True)], 1
         )
         a_cat = np.concatenate([np.asarray(u.arrays[a_key], np.float64) for u in updates], 0)
-        if b_cat.shape[1] < min(b_cat.shape[0], a_cat.shape[1]):
-            q_b, r_b = np.linalg.qr(b_cat)
-            q_a, r_a = np.linalg.qr(a_cat.T)
-            u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
-            u, vt = q_b @ u_core, vt_core @ q_a.T
-        else:
-            u, s, vt = np.linalg.svd(b_cat @ a_cat, full_matrices=False)
+        u, s, vt = agg.exact_triplets(b_cat, a_cat)
         root = np.sqrt(s[:rank])
         result[b_key] = (u[:, :rank] * root).astype(np.float32)
         result[a_key] = (root[:, None] * vt[:rank]).astype(np.float32)

@@ -328,15 +328,7 @@ def _truncated_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple
     found = None
     if stacked > _ITERATIVE_TERMS_PER_RANK * rank and 4 * rank <= smallest:
         found = _top_triplets(b_cat, a_cat, rank)
-    if found is not None:
-        u, s, vt = found
-    elif stacked < smallest:
-        q_b, r_b = np.linalg.qr(b_cat)
-        q_a, r_a = np.linalg.qr(a_cat.T)
-        u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
-        u, vt = q_b @ u_core, vt_core @ q_a.T
-    else:
-        u, s, vt = np.linalg.svd(b_cat @ a_cat, full_matrices=False)
+    u, s, vt = found if found is not None else exact_triplets(b_cat, a_cat)
     keep = min(rank, s.size)
     root = np.sqrt(s[:keep])
     b = np.zeros((out_dim, rank))
@@ -344,6 +336,17 @@ def _truncated_factors(b_cat: np.ndarray, a_cat: np.ndarray, rank: int) -> tuple
     b[:, :keep] = u[:, :keep] * root
     a[:keep] = root[:, None] * vt[:keep]
     return b, a
+
+
+def exact_triplets(b_cat: np.ndarray, a_cat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every singular triplet of ``b_cat @ a_cat``: from the small core ``R_B R_Aᵀ`` of thin QRs when
+    the stacked rank is below ``min(out, in)``, else from the dense product."""
+    if b_cat.shape[1] < min(b_cat.shape[0], a_cat.shape[1]):
+        q_b, r_b = np.linalg.qr(b_cat)
+        q_a, r_a = np.linalg.qr(a_cat.T)
+        u_core, s, vt_core = np.linalg.svd(r_b @ r_a.T)
+        return q_b @ u_core, s, vt_core @ q_a.T
+    return np.linalg.svd(b_cat @ a_cat, full_matrices=False)
 
 
 def _top_triplets(
