@@ -26,8 +26,8 @@ SITES = ("site_a", "site_b", "site_c")
 SHARED_VAL = REPO / "configs" / "data" / "sites" / "shared_val.jsonl"
 
 
-def train_and_evaluate(job: Path, overrides: list[str]) -> dict[str, float]:
-    """Train a job spec through the train core and evaluate it on the shared validation set."""
+def train_and_evaluate(job: Path, overrides: list[str], test: str = str(SHARED_VAL)) -> dict[str, float]:
+    """Train a job spec through the train core and evaluate it on ``test`` (the shared validation set)."""
     from rich.console import Console
 
     from launcher.plan.jobs import prepare_run
@@ -36,7 +36,7 @@ def train_and_evaluate(job: Path, overrides: list[str]) -> dict[str, float]:
 
     prepared = prepare_run(job, overrides)
     run_training(prepared.run_dir, Console(stderr=True, quiet=True))
-    return evaluate_target(prepared.run_dir, str(SHARED_VAL))
+    return evaluate_target(prepared.run_dir, test)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from federated.strategy import (
     weigh_updates,
 )
 from launcher.atomic import write_json_atomic
-from launcher.errors import FlotillaError
+from launcher.errors import RUNTIME_FAILURE_EXIT_CODE, FlotillaError
 from launcher.plan import build_plan
 from launcher.spec import JobSpec
 from launcher.train import evaluate_target
@@ -55,7 +55,10 @@ RUN_CONFIG_WORK_DIR = "work-dir"
 
 
 class FederationError(FlotillaError):
-    """A round could not complete (too few valid updates, aggregation failed)."""
+    """A round could not complete (too few valid updates, aggregation failed): a runtime failure."""
+
+    exit_code = RUNTIME_FAILURE_EXIT_CODE
+    retryable = True
 
 
 app = ServerApp()
@@ -187,7 +190,7 @@ def _run_round(
     if fed.privacy.secagg is not None:
         return _secagg_round(grid, context, fed, announce, arrays, rnd, names, enrolled)
     record = to_record(arrays)
-    messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed)), grid))
+    messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed, rnd)), grid))
     for message in messages:
         message.content["config"].update(announce(len(messages)))
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
@@ -217,9 +220,10 @@ def _run_round(
 DEFAULT_LOCAL_STEPS = 10
 
 
-def round_config(fed: FederationSpec) -> dict[str, Any]:
-    """The ConfigRecord every site receives with the global adapter."""
+def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
+    """The ConfigRecord every site receives with the global adapter in ``server_round``."""
     config: dict[str, Any] = {
+        "lr-scale": fed.local.lr_scale(server_round, fed.rounds),
         "lora-rank": fed.peft.r,
         "lora-alpha": fed.peft.alpha,
         "seed": fed.seed,
@@ -408,7 +412,7 @@ def _secagg_round(
         context,
         arrays,
         rnd,
-        lambda sites: {**round_config(fed), **announce(sites)},
+        lambda sites: {**round_config(fed, rnd), **announce(sites)},
         fed.privacy.secagg,
         fed.min_sites,
         fed.round_timeout,

@@ -8,6 +8,7 @@ job spec (whose data never leaves the site).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,14 +39,37 @@ class LocalTraining(Section):
 
     steps: PositiveInt | None = None
     epochs: PositiveFloat | None = None
+    #: Each site's own learning rate, scaled per round: ``constant``, or ``cosine`` from 1 at the first
+    #: round to ``min_lr_ratio`` at the last (as FlowerTune's LLM baselines do).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: Fraction = 0.1
+
+    def lr_scale(self, server_round: int, rounds: int) -> float:
+        """The factor on the sites' learning rate in ``server_round`` (1-based) of ``rounds``."""
+        if self.lr_schedule == "constant" or rounds < 2:
+            return 1.0
+        progress = (server_round - 1) / (rounds - 1)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StrategySpec(Section):
     """How the server combines the sites' adapters."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "median", "trimmed_mean", "krum", "lora_product"] = "fedavg"
+    def server_step(self) -> float:
+        """``server_learning_rate``, or the strategy's default."""
+        if self.server_learning_rate is not None:
+            return self.server_learning_rate
+        return 1.0 if self.name == "fedavgm" else 0.01
+
+    name: Literal[
+        "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "median", "trimmed_mean", "krum", "lora_product"
+    ] = "fedavg"
     proximal_mu: NonNegativeFloat = 0.01
-    server_learning_rate: PositiveFloat = 0.01
+    #: The server optimizer's step on the averaged update: default 1.0 for fedavgm, 0.01 for
+    #: fedadam / fedyogi (whose steps are normalized, as in Reddi et al. 2021).
+    server_learning_rate: PositiveFloat | None = None
+    #: fedavgm's momentum on the averaged update (Hsu et al. 2019).
+    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     beta_1: Fraction = 0.9
     beta_2: Fraction = 0.99
     tau: PositiveFloat = 1e-3

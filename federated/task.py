@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from federated.strategy import Update, lora_pairs, lora_product_average
 from launcher.backends import get_backend
-from launcher.errors import FlotillaError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan, build_plan, load_job
 from launcher.spec import JobSpec
 from launcher.train import run_training
@@ -41,6 +41,7 @@ class RoundOrder:
     steps: int | None = None
     epochs: float | None = None
     proximal_mu: float = 0.0
+    lr_scale: float = 1.0
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -54,6 +55,7 @@ class RoundOrder:
             steps=int(config["local-steps"]) if "local-steps" in config else None,
             epochs=float(config["local-epochs"]) if "local-epochs" in config else None,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            lr_scale=float(config.get("lr-scale", 1.0)),
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
@@ -82,6 +84,9 @@ def train_local_round(
     init_dir.mkdir(parents=True)
     spec = load_job(job_spec, _overrides(order, init_dir, work_dir))
     _check_task(spec, order)
+    spec.train.learning_rate *= (
+        order.lr_scale
+    )  # the federation's schedule over rounds, on the site's own rate
     local_arrays = fit_rank(global_arrays, spec.peft.r, spec.peft.alpha, order, spec.seed)
     save_file(
         {k: np.ascontiguousarray(v) for k, v in local_arrays.items()}, init_dir / "adapter_model.safetensors"
@@ -113,8 +118,10 @@ def _overrides(order: RoundOrder, init_dir: Path, work_dir: Path) -> list[str]:
         if order.steps
         else ["train.max_steps=null", f"train.epochs={order.epochs}"]
     )
+    labels = [f"data.labels={json.dumps(order.labels)}"] if order.labels else []
     return [
         *budget,
+        *labels,
         f"peft.init_from={init_dir}",
         f"seed={order.seed + order.server_round}",
         "eval.at_start=true",
@@ -192,13 +199,13 @@ def _train(run_dir: Path, world_size: int, backend: str, order: RoundOrder, anch
         terms = [ProximalTerm(order.proximal_mu, anchor)] if order.proximal_mu > 0 else []
         outcome = run_training(run_dir, console, loss_terms=terms)
         if outcome.interrupted:
-            raise FlotillaError(f"local training in {run_dir} was interrupted")
+            raise BackendError(f"local training in {run_dir} was interrupted")
         return
     if order.proximal_mu > 0:
         raise FlotillaError("FedProx needs a single-process site (the proximal term runs in-process)")
     handle = get_backend(backend).launch(Plan.load(run_dir / "plan.json"), console, wait=True)
     if handle.exit_code:
-        raise FlotillaError(f"local training in {run_dir} ended with exit code {handle.exit_code}")
+        raise BackendError(f"local training in {run_dir} ended with exit code {handle.exit_code}")
 
 
 def _metrics(

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.backends import find_job, get_backend, write_job_record
-from launcher.errors import BAD_INPUT_EXIT_CODE, FlotillaError
+from launcher.errors import FlotillaError
 from launcher.plan import (
     build_plan,
     cheapest_fit,
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FlotillaError as exc:
         console.print("[red]error:[/]", escape(str(exc)))
-        return BAD_INPUT_EXIT_CODE
+        return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130

@@ -1,15 +1,28 @@
-"""User-facing errors: each carries a message fit to print without a traceback."""
+"""User-facing errors: each carries a message fit to print without a traceback, and its exit code.
+
+Exit codes of every Flotilla command and training process:
+0 finished; 1 a runtime failure (a process, daemon or engine failed); 2 bad input (spec, data, paths,
+arguments: fix it, a retry cannot help); 3 a checkpoint or adapter failed its save verification;
+85 stopped on a signal after a checkpoint, "requeue me".
+"""
 
 from __future__ import annotations
 
+RUNTIME_FAILURE_EXIT_CODE = 1
+BAD_INPUT_EXIT_CODE = 2
+VERIFICATION_FAILED_EXIT_CODE = 3
 #: Exit code of a run that stopped on SIGTERM/SIGUSR1 after saving a checkpoint: "requeue me".
 REQUEUE_EXIT_CODE = 85
-#: Exit code of a run whose input (spec, data, paths) is invalid.
-BAD_INPUT_EXIT_CODE = 2
 
 
 class FlotillaError(Exception):
-    """Base of every error Flotilla reports to a user as a clear message."""
+    """Base of every error Flotilla reports to a user as a clear message: bad input unless a
+    subclass says otherwise."""
+
+    exit_code = BAD_INPUT_EXIT_CODE
+    #: Whether the same job can succeed when retried (an infrastructure fault, not bad input):
+    #: Ray's ``max_failures`` and Slurm's requeue retry these, never bad input.
+    retryable = False
 
 
 class SpecError(FlotillaError):
@@ -30,6 +43,12 @@ class DataError(FlotillaError):
 class CheckpointError(FlotillaError):
     """A checkpoint or adapter failed to save, or failed its verification."""
 
+    exit_code = VERIFICATION_FAILED_EXIT_CODE
+    retryable = True
+
 
 class BackendError(FlotillaError):
-    """A backend could not start, reach or control a job."""
+    """A backend could not start, reach or control a job, or a process of the job failed."""
+
+    exit_code = RUNTIME_FAILURE_EXIT_CODE
+    retryable = True

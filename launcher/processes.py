@@ -1,10 +1,92 @@
-"""Stopping processes Flotilla started, by PID, with everything they started."""
+"""Starting and stopping processes Flotilla started, by PID, with everything they started."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
 
 import psutil
+
+from launcher.errors import REQUEUE_EXIT_CODE
+
+#: Signals that stop a job (SIGUSR1 is Slurm's warning before the time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+#: What the job's process group gets at the first, second and later stop signal: SIGUSR1 first,
+#: which the launchers ignore and the ranks answer by checkpointing and exiting 85 (so no launcher
+#: kills its ranks mid-save); a second stop makes the launchers end their ranks; a third kills all.
+ESCALATION = (signal.SIGUSR1, signal.SIGTERM, signal.SIGKILL)
+
+
+def run_process_group(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Run ``command`` in a process group of its own and wait until every process of the job ended.
+
+    A stop signal sent to this process is passed to every process of the job (the group, and the
+    descendants in sessions of their own: torchrun starts each rank in a new session) as
+    :data:`ESCALATION` says, and the exit code is then 85 ("requeue me"); otherwise it is the
+    command's own (a death by signal N as 128 + N). The launchers inherit SIGUSR1 as ignored: only
+    the training processes handle it. Signals are only taken over from the main thread.
+    """
+    signalled: list[int] = []
+    job: dict[int, psutil.Process] = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if in_main else {}
+    if in_main:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the launchers
+    child = subprocess.Popen(
+        list(command), env=dict(env) if env is not None else None, start_new_session=True
+    )
+
+    def forward(signum: int, frame: object) -> None:
+        signalled.append(signum)
+        sent = ESCALATION[min(len(signalled), len(ESCALATION)) - 1]
+        job.update(_processes(process_tree(child.pid)))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sent)
+        for process in job.values():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(sent)  # checks the PID still is the process seen, not a reuse
+
+    try:
+        for sig in previous:
+            signal.signal(sig, forward)
+        code = child.wait()
+        while group_alive(child.pid) or any(_running(p) for p in job.values()):
+            time.sleep(0.2)  # the launcher may end before its ranks do
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signalled:
+        return REQUEUE_EXIT_CODE
+    return code if code >= 0 else 128 - code
+
+
+def _processes(pids: Sequence[int]) -> dict[int, psutil.Process]:
+    found = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            found[pid] = psutil.Process(pid)
+    return found
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of process group ``pgid`` still exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def process_tree(pid: int) -> list[int]:

@@ -102,7 +102,7 @@ def test_dp_wrappers_carry_the_spec_parameters(write_spec: Any) -> None:
     strategy = build_strategy(client)
     assert isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping)
     assert strategy.clipping_norm == 0.7 and isinstance(strategy.strategy, FedAvg)
-    assert round_config(client)["dp-clipping"] == "adaptive"
+    assert round_config(client, 1)["dp-clipping"] == "adaptive"
     with pytest.raises(FlotillaError, match=r"privacy\.dp: .*clipped_count_stddev"):
         build_strategy(fed_spec(write_spec, privacy={"dp": {"clipping": "adaptive"}}))
 

@@ -7,7 +7,11 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
+import pytest
+
 from launcher.errors import REQUEUE_EXIT_CODE
+from launcher.processes import process_tree
 from tests.conftest import (
     assert_adapter_reloads_equal,
     flotilla,
@@ -72,19 +76,35 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
         )
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(
-    tiny_llama: Path, tmp_path: Path, write_spec
+@pytest.mark.parametrize(
+    ("stop", "processes"),
+    [(signal.SIGHUP, 1), (signal.SIGTERM, 2)],
+    ids=["SIGHUP-in-process", "SIGTERM-torchrun-2-ranks"],
+)
+def test_a_stop_signal_to_the_cli_checkpoints_every_rank_exits_85_and_leaves_no_process(
+    tiny_llama: Path, tmp_path: Path, write_spec, stop: signal.Signals, processes: int
 ) -> None:
-    spec = write_spec(tiny_job(tiny_llama, tmp_path, train={"max_steps": 400, "save_steps": 1000}))
+    spec = write_spec(
+        tiny_job(
+            tiny_llama,
+            tmp_path,
+            train={"max_steps": 400, "save_steps": 1000},
+            resources={"processes_per_node": processes},
+        )
+    )
     process = start_flotilla("run", str(spec))
     root = tmp_path / "runs" / "tiny"
     deadline = time.time() + 300
     while time.time() < deadline and not list(root.glob("*/metrics.jsonl")):
         time.sleep(0.05)
     time.sleep(1.0)
-    process.send_signal(signal.SIGTERM)
+    job = process_tree(process.pid)
+    assert len(job) >= (2 + processes if processes > 1 else 1), job  # the CLI, torchrun's agent, its ranks
+    process.send_signal(stop)  # to the CLI's PID only, as a scheduler or `kill` sends it
     assert process.wait(timeout=120) == REQUEUE_EXIT_CODE
     run_dir = only_run_dir(tmp_path / "runs")
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*/flotilla-checkpoint.json"))
     assert len(checkpoints) == 1
     assert not (run_dir / "summary.json").exists()
+    left = [pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"processes of the job left running: {left}"

@@ -20,7 +20,7 @@ from federated.rounds import RoundStore
 from federated.sites import forget_enrollment, revoke_site, revoked_sites, site_names
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
-from launcher.errors import FlotillaError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import load_job
 
 console = Console(stderr=True, highlight=False)
@@ -154,7 +154,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         superlink.stop()
     _print_tables(work_dir)
     if status != "finished:completed":
-        raise FlotillaError(
+        raise BackendError(
             f"run {run_id} ended {status}: {details} (ServerApp log: {work_dir / 'serverapp.log'})"
         )
     return 0
@@ -182,7 +182,7 @@ def cmd_site(args: argparse.Namespace) -> int:
             f"site {site.site}: the SuperLink at {site.superlink} refused this SuperNode: its public key "
             f"is not enrolled there (or the certificate does not match)\n{node.tail(8)}"
         )
-    raise FlotillaError(f"site {site.site}: the SuperNode exited with code {code}\n{node.tail(12)}")
+    raise BackendError(f"site {site.site}: the SuperNode exited with code {code}\n{node.tail(12)}")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from federated.sites import (
 )
 from federated.spec import FederationSpec, SiteSpec
 from launcher.atomic import write_json_atomic
-from launcher.errors import FlotillaError
+from launcher.errors import BackendError, FlotillaError
 from launcher.processes import process_tree, stop_processes
 
 #: The Flower app components (the same as ``[tool.flwr.app.components]`` in pyproject.toml).
@@ -123,7 +123,7 @@ def wait_for_port(host: str, port: int, daemon: Daemon, timeout: float = 60.0) -
     deadline = time.time() + timeout
     while time.time() < deadline:
         if not daemon.alive():
-            raise FlotillaError(
+            raise BackendError(
                 f"{daemon.name} exited with code {daemon.process.returncode}:\n{daemon.tail()}"
             )
         try:
@@ -131,7 +131,7 @@ def wait_for_port(host: str, port: int, daemon: Daemon, timeout: float = 60.0) -
                 return
         except OSError:
             time.sleep(0.3)
-    raise FlotillaError(
+    raise BackendError(
         f"{daemon.name} did not listen on {host}:{port} within {timeout:.0f} s:\n{daemon.tail()}"
     )
 
@@ -243,7 +243,7 @@ def enroll(public_key: Path, env: dict[str, str]) -> int | None:
         if reply.get("node-id"):
             return int(reply["node-id"])
     if "already" not in printed.lower():
-        raise FlotillaError(f"cannot enroll {public_key}: {printed.strip()[-600:]}")
+        raise BackendError(f"cannot enroll {public_key}: {printed.strip()[-600:]}")
     return None
 
 
@@ -255,7 +255,7 @@ def sync_enrollments(work_dir: Path, keys: list[Path], env: dict[str, str]) -> N
     for node, enrollment in enrollments(work_dir).items():
         if enrollment.site in revoked or current.get(enrollment.site) != enrollment.key:
             if unregister(node, env) is False:
-                raise FlotillaError(f"cannot unregister {enrollment.site} (node {node}) from the SuperLink")
+                raise BackendError(f"cannot unregister {enrollment.site} (node {node}) from the SuperLink")
             forget_enrollment(work_dir, node)
     for key in keys:
         if key.stem not in revoked and (node := enroll(key, env)):
@@ -279,7 +279,7 @@ def submit_run(app_dir: Path, spec_file: Path, work_dir: Path, env: dict[str, st
     try:
         return int(json.loads(result.stdout[result.stdout.index("{") :])["run-id"])
     except (ValueError, KeyError, TypeError):
-        raise FlotillaError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-800:]}") from None
+        raise BackendError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-800:]}") from None
 
 
 def run_status(run_id: int, env: dict[str, str]) -> tuple[str, str]:
@@ -299,7 +299,7 @@ def follow_run(
     while True:
         superlink.remember_children()
         if not superlink.alive():
-            raise FlotillaError(f"the SuperLink exited during the run:\n{superlink.tail()}")
+            raise BackendError(f"the SuperLink exited during the run:\n{superlink.tail()}")
         status, details = run_status(run_id, env)
         on_tick()
         if status.startswith("finished"):

@@ -3,7 +3,9 @@
 Which to use (README strategy guide):
 - ``fedavg``: the default; adapters averaged, each with the weight ``weighting`` gives it.
 - ``fedprox``: non-IID sites that drift apart; sites add mu/2 ||w - w_global||^2 to their training.
-- ``fedadam``: server-side Adam on the averaged update; helps when rounds are few and updates noisy.
+- ``fedavgm``: the average taken as a step of server SGD with momentum (Hsu et al. 2019): under label
+  skew the sites' updates partly cancel and momentum carries the part they agree on.
+- ``fedadam`` / ``fedyogi``: server-side Adam / Yogi on the averaged update (Reddi et al. 2021).
 - ``median`` / ``trimmed_mean`` / ``krum``: robust to a minority of bad or malicious sites.
 - ``lora_product``: averages the updates B·A themselves (FedAvg averages A and B separately, which is
   not the average of the updates) and accepts sites with different LoRA ranks.
@@ -15,13 +17,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
     Strategy,
 )
@@ -31,8 +36,22 @@ from federated.spec import FederationSpec
 from federated.strategy.aggregation import Update, lora_product_average
 from federated.strategy.privacy import wrap_with_dp
 
-#: Strategy attributes that carry state from round to round (FedAdam moments, adaptive clip norm).
-STATE_ATTRIBUTES = ("m_t", "v_t", "clipping_norm")
+#: Strategy attributes that carry state from round to round (FedAdam/FedYogi moments, FedAvgM's
+#: momentum, the adaptive clip norm).
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "clipping_norm")
+#: Key prefix of a list-valued state attribute's items in the saved arrays.
+LIST_MARK = "#"
+
+
+class FedAvgMomentum(FedAvgM):
+    """Flower's FedAvgM, stepping from the global model each round was sent (as FedOpt does), not
+    from the one it last returned itself: after a resume or a DP wrapper's noise they differ."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
 
 
 class LoraProductAverage(FedAvg):
@@ -77,12 +96,14 @@ def build_strategy(fed: FederationSpec, sampled_sites: int | None = None) -> Str
     strategies: dict[str, Any] = {
         "fedavg": lambda: FedAvg(**common),
         "fedprox": lambda: FedProx(**common, proximal_mu=choice.proximal_mu),
+        "fedavgm": lambda: FedAvgMomentum(
+            **common, server_learning_rate=choice.server_step(), server_momentum=choice.server_momentum
+        ),
         "fedadam": lambda: FedAdam(
-            **common,
-            eta=choice.server_learning_rate,
-            beta_1=choice.beta_1,
-            beta_2=choice.beta_2,
-            tau=choice.tau,
+            **common, eta=choice.server_step(), beta_1=choice.beta_1, beta_2=choice.beta_2, tau=choice.tau
+        ),
+        "fedyogi": lambda: FedYogi(
+            **common, eta=choice.server_step(), beta_1=choice.beta_1, beta_2=choice.beta_2, tau=choice.tau
         ),
         "median": lambda: FedMedian(**common),
         "trimmed_mean": lambda: FedTrimmedAvg(**common, beta=choice.trim_fraction),
@@ -112,6 +133,8 @@ def strategy_state(strategy: Strategy) -> tuple[dict[str, float], dict[str, np.n
             value = getattr(part, name, None)
             if isinstance(value, dict):
                 arrays.update({f"{depth}.{name}.{k}": np.asarray(v) for k, v in value.items()})
+            elif isinstance(value, list):  # FedAvgM keeps its momentum as a list in array order
+                arrays.update({f"{depth}.{name}.{LIST_MARK}{i}": np.asarray(v) for i, v in enumerate(value)})
             elif isinstance(value, int | float) and not isinstance(value, bool):
                 scalars[f"{depth}.{name}"] = float(value)
     return scalars, arrays
@@ -128,4 +151,6 @@ def restore_state(strategy: Strategy, scalars: dict[str, float], arrays: dict[st
         depth, name, array_key = key.split(".", 2)
         grouped.setdefault((int(depth), name), {})[array_key] = value
     for (depth, name), value in grouped.items():
+        if all(key.startswith(LIST_MARK) for key in value):
+            value = [value[f"{LIST_MARK}{i}"] for i in range(len(value))]  # type: ignore[assignment]
         setattr(chain[depth], name, value)

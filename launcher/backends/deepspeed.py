@@ -32,6 +32,7 @@ from launcher.backends.commands import (
 )
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
+from launcher.processes import run_process_group
 from launcher.rundir import run_state
 
 #: Environment variable naming the hostfile of a multi-node run.
@@ -64,7 +65,7 @@ class DeepSpeedBackend:
         env["PYTHONUNBUFFERED"] = "1"
         details = {"master": f"{start.master}:{port}"}
         if wait:
-            code = subprocess.run(start.command, env=env, check=False).returncode
+            code = run_process_group(start.command, env)
             return RunHandle(self.name, run_dir, exit_code=code, details=details)
         (run_dir / EXIT_FILE).unlink(missing_ok=True)
         script = f"{render_shell(start.command)}; echo $? > {shlex.quote(str(run_dir / EXIT_FILE))}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from rich.console import Console
@@ -12,6 +11,7 @@ from launcher.backends.base import RunHandle
 from launcher.backends.commands import free_port, torchrun_command
 from launcher.errors import REQUEUE_EXIT_CODE, BackendError
 from launcher.plan import Plan
+from launcher.processes import run_process_group
 from launcher.rundir import run_state
 
 
@@ -37,7 +37,7 @@ class LocalBackend:
         command = torchrun_command(plan, port)
         console.print(f"launching {plan.world_size} processes on 127.0.0.1:{port}")
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        code = subprocess.run(command, env=env, check=False).returncode
+        code = run_process_group(command, env)
         return RunHandle(self.name, run_dir, exit_code=code)
 
     def status(self, job_id: str, run_dir: Path | None = None) -> str:

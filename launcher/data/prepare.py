@@ -64,8 +64,12 @@ def prepare_data(
         validation_rows += _clean(read_rows(spec, source), spec, report, "validation")
     report.leaked_rows = _count_leakage(train_parts, validation_rows)
     found = _label_names(train_parts, validation_rows)
+    labels = labels if labels is not None else spec.labels
     if labels is not None and found and set(found) - set(labels):
-        raise DataError(f"labels {sorted(set(found) - set(labels))} are unknown to the model ({labels})")
+        raise DataError(
+            f"labels {sorted(set(found) - set(labels))} in the data are not among the declared labels "
+            f"{labels} (data.labels, or the trained model's labels)"
+        )
     labels = labels or found
     label_ids = {name: i for i, name in enumerate(labels)} if labels else None
     report.label_balance = _label_balance(train_parts) if labels else {}

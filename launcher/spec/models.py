@@ -80,6 +80,9 @@ class DataSpec(Section):
     group_by_length: bool = False
     max_train_rows: PositiveInt | None = None
     max_validation_rows: PositiveInt | None = None
+    #: Classification: every label name, in the order the model's outputs use (default: the names
+    #: found in the data, sorted). Declared, a split may lack a label (a site of a label-skewed federation).
+    labels: list[str] | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -65,6 +65,11 @@ def _task_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("eval.metrics", f"{sorted(wrong)} do not apply to model.task={spec.model.task!r}"))
     if spec.model.num_labels is not None and not classification:
         problems.append(("model.num_labels", "only applies to model.task='sequence_classification'"))
+    labels = spec.data.labels
+    if labels is not None and not classification:
+        problems.append(("data.labels", "only applies to model.task='sequence_classification'"))
+    elif labels is not None and (len(set(labels)) != len(labels) or len(labels) < 2):
+        problems.append(("data.labels", f"needs at least two distinct label names, got {labels}"))
     return problems
 
 

@@ -1,7 +1,7 @@
 """Entry point of one training process: ``python -m launcher.train <run dir>``.
 
-Exit codes: 0 finished, 85 (REQUEUE_EXIT_CODE) stopped on a signal after a checkpoint,
-2 (BAD_INPUT_EXIT_CODE) invalid input, reported as a message, never a traceback.
+Exit codes (launcher.errors): 0 finished, 85 stopped on a signal after a checkpoint, 2 invalid input,
+1 a runtime failure, 3 a failed save verification; each error reported as a message, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_training(Path(args[0]), console)
     except FlotillaError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
-        return BAD_INPUT_EXIT_CODE
+        return exc.exit_code
     return REQUEUE_EXIT_CODE if outcome.interrupted else 0
 
 

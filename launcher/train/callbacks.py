@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +39,19 @@ class MetricsJsonl(TrainerCallback):
 
 
 class CheckpointOnSignal(TrainerCallback):
-    """On SIGTERM or SIGUSR1: finish the current step, save a checkpoint, stop training.
+    """On SIGTERM, SIGUSR1, SIGHUP or SIGINT: finish the current step, save a checkpoint, stop
+    training (a second Ctrl-C aborts at once, without the checkpoint).
 
     Every rank must agree, so the flag is all-reduced at each step end when running distributed.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
         self.received: int | None = None
         self.stopped = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         """Take over SIGTERM and SIGUSR1 for this process (from its main thread only: Ray Train runs
@@ -55,9 +59,22 @@ class CheckpointOnSignal(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handlers in place for the duration of training, the previous ones back after."""
+        self.install()
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
         self.received = signum
 

@@ -105,17 +105,17 @@ def run_training(
     for callback in extra_callbacks or []:
         trainer.add_callback(callback)
     trainer.loss_terms = list(loss_terms or [])
-    signal_callback.install()
     checkpoint = latest_verified_checkpoint(run_dir / "checkpoints")
     resuming = checkpoint is not None
     early = EvaluateAtTrainBegin(lambda: _before_metrics(trainer, data, spec, run_dir, rank, resuming))
-    if trainer.is_deepspeed_enabled:  # DeepSpeed can evaluate only once its engine exists
-        trainer.add_callback(early)
-    else:
-        early.result = early.evaluate()
-    if checkpoint is not None:
-        say(f"resuming from {checkpoint}")
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with signal_callback.installed():
+        if trainer.is_deepspeed_enabled:  # DeepSpeed can evaluate only once its engine exists
+            trainer.add_callback(early)
+        else:
+            early.result = early.evaluate()
+        if checkpoint is not None:
+            say(f"resuming from {checkpoint}")
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     before = early.result or {}
     if signal_callback.stopped:
         say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return drive(plan, os.environ.get("RAY_ADDRESS", "auto"), console, None)
     except FlotillaError as exc:
         console.print("[red]error:[/]", escape(str(exc)))
-        return BAD_INPUT_EXIT_CODE
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from launcher.backends.base import JOB_RECORD, RunHandle, write_job_record
 from launcher.backends.ray.cluster import RayHead, is_jobs_address, jobs_client, worker_resources
-from launcher.errors import BackendError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.spec import RaySpec
 
@@ -166,7 +166,7 @@ class RayBackend:
         except RuntimeError as exc:
             raise BackendError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
         if not stopped:
-            raise BackendError(f"Ray job {job_id} had already ended ({self.status(job_id, run_dir)})")
+            raise FlotillaError(f"Ray job {job_id} had already ended ({self.status(job_id, run_dir)})")
 
     @staticmethod
     def _client(run_dir: Path | None) -> JobSubmissionClient:

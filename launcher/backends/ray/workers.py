@@ -23,7 +23,7 @@ from rich.markup import escape
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from launcher.backends.ray.cluster import check_resources, check_runtime_env, connect, worker_resources
-from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE, CheckpointError, FlotillaError
+from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE, FlotillaError
 from launcher.plan import Plan
 from launcher.spec import RaySpec
 from launcher.train import run_training
@@ -68,9 +68,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"Ray Train restarted the workers; last reported checkpoint: {restored.path}", file=sys.stderr)
     try:
         run_training(run_dir, extra_callbacks=[ReportCheckpoints()])
-    except CheckpointError:
-        raise
     except FlotillaError as exc:
+        if exc.retryable:  # an infrastructure fault (a preflight timeout, a failed save): Ray retries
+            raise
         # Every rank meets bad input before training starts; finishing (not raising) stops Ray retrying.
         if rank == 0:
             (run_dir / BAD_INPUT_FILE).write_text(str(exc), encoding="utf-8")

@@ -15,15 +15,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 
 from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE
+from launcher.processes import run_process_group
 
 
 def exit_code_of(failure_codes: list[int]) -> int:
@@ -56,36 +53,13 @@ def run_torchrun(argv: list[str]) -> int:
     return 0
 
 
-def run_process_group(command: list[str]) -> int:
-    """Run ``command`` in its own process group, forward USR1/TERM to it, wait for all of it."""
+def run_deepspeed(command: list[str]) -> int:
+    """DeepSpeed's per-node launcher in its own process group (signals forwarded, all of it awaited)."""
     say(f"command: {' '.join(command)}")
-    signalled: list[int] = []
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the launchers
-    child = subprocess.Popen(command, start_new_session=True)
-
-    def forward(signum: int, frame: object) -> None:
-        signalled.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, forward)
-    code = child.wait()
-    while group_alive(child.pid):  # the launcher may end before its workers do
-        time.sleep(0.5)
-    if signalled:
-        say(f"stopped by signal {signalled[0]}; the workers were told to checkpoint")
-        return REQUEUE_EXIT_CODE
+    code = run_process_group(command)
+    if code == REQUEUE_EXIT_CODE:
+        say("stopped by a signal; the workers were told to checkpoint")
     return exit_code_of([code]) if code else 0
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` still exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def say(message: str) -> None:
@@ -100,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["torchrun"]:
         return run_torchrun(args[1:])
     if args[:1] == ["deepspeed"] and len(args) > 1:
-        return run_process_group(args[1:])
+        return run_deepspeed(args[1:])
     print("usage: python -m launcher.backends.slurm torchrun ARGS... | deepspeed COMMAND...", file=sys.stderr)
     return BAD_INPUT_EXIT_CODE
 

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from launcher.backends.base import RunHandle, follow_logs, write_job_record
 from launcher.backends.slurm.script import render_script
-from launcher.errors import BackendError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.rundir import run_state
 
@@ -139,7 +139,7 @@ class SlurmBackend:
     def cancel(self, job_id: str, run_dir: Path | None = None) -> None:
         state = self.status(job_id, run_dir)
         if state in FINAL_STATES:
-            raise BackendError(f"Slurm job {job_id} has already ended ({state})")
+            raise FlotillaError(f"Slurm job {job_id} has already ended ({state})")  # a request, not a fault
         result = slurm_command(["scancel", job_id])
         if result.returncode != 0:
             raise BackendError(f"scancel {job_id} failed: {result.stderr.strip()}")
