@@ -115,7 +115,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def site_job(site: str, root: Path, learning_rate: float) -> dict[str, Any]:
+def site_job(site: str, root: Path, learning_rate: float, sections: tuple[str, ...]) -> dict[str, Any]:
     """The local job spec of one site (MiniLM LoRA, its own rows; the federation sets the budget)."""
     return {
         "name": site,
@@ -126,7 +126,7 @@ def site_job(site: str, root: Path, learning_rate: float) -> dict[str, Any]:
             "format": "classification",
             "validation": str(root / f"{site}.test.jsonl"),
             "max_length": 48,
-            "labels": list(SECTIONS),
+            "labels": list(sections),
         },
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
         "train": {
@@ -140,13 +140,15 @@ def site_job(site: str, root: Path, learning_rate: float) -> dict[str, Any]:
     }
 
 
-def federation(sites: list[str], root: Path, rounds: int, local_steps: int) -> dict[str, Any]:
+def federation(
+    sites: list[str], root: Path, rounds: int, local_steps: int, sections: tuple[str, ...]
+) -> dict[str, Any]:
     """The federation spec over the sites (FedAvg, evaluated on the shared test split)."""
     return {
         "name": "apt-sections",
         "seed": 42,
         "model": {"path": "minilm-l6", "task": "sequence_classification"},
-        "labels": list(SECTIONS),
+        "labels": list(sections),
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
         "rounds": rounds,
         "min_sites": len(sites),
@@ -169,9 +171,10 @@ def build(
     local_steps: int = 10,
     learning_rate: float = 2e-3,
     seed: int = 0,
+    sections: tuple[str, ...] = SECTIONS,
 ) -> Benchmark:
     """Build the benchmark under ``root`` from this machine's package index."""
-    by_section = labelled_descriptions(read_index())
+    by_section = labelled_descriptions(read_index(), sections)
     short = {
         s: len(rows) for s, rows in by_section.items() if len(rows) < rows_per_section + test_per_section
     }
@@ -204,10 +207,10 @@ def build(
         _write_jsonl(root / f"{site}.jsonl", rows[held:])
         partition[site] = dict(Counter(row["label"] for row in rows[held:]))
         (root / f"{site}.yaml").write_text(
-            yaml.safe_dump(site_job(site, root, learning_rate), sort_keys=False)
+            yaml.safe_dump(site_job(site, root, learning_rate, sections), sort_keys=False)
         )
     (root / "fed.yaml").write_text(
-        yaml.safe_dump(federation(names, root, rounds, local_steps), sort_keys=False)
+        yaml.safe_dump(federation(names, root, rounds, local_steps, sections), sort_keys=False)
     )
     summary = {"sites": sites, "alpha": alpha, "seed": seed, "test_rows": len(test), "partition": partition}
     (root / "partition.json").write_text(json.dumps(summary, indent=2))

@@ -1,14 +1,14 @@
 """A real federated run (Flower simulation engine, MiniLM sentiment, 3 non-IID sites + 1 attacker).
 
 One simulation is shared by the tests of this module: the global adapter learns, only adapter arrays
-travel, the attacker's poisoned updates (NaN, huge norm, wrong shape) are rejected and never averaged
-in, and the federated model beats every site's local-only model on the shared validation set.
+travel, and the attacker's poisoned updates (NaN, huge norm, wrong shape) are rejected and never
+averaged in. (Federated against local-only quality is tested on real label-skewed data in
+test_federated_quality.py: on these synthetic sites every model reaches accuracy 1.0.)
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,10 @@ from federated.ops.simulation import simulate
 from federated.rounds import RoundStore
 from federated.spec import load_federation
 from federated.strategy.aggregation import Update, fedavg
-from tests.conftest import DATA, REPO
+from tests.conftest import REPO
 
 ROUNDS, LOCAL_STEPS = 3, 6
 HONEST = ("site_a", "site_b", "site_c")
-SHARED_VAL = DATA / "sites" / "shared_val.jsonl"
 
 
 def attacker_mod(msg: Message, context: Context, call_next: Any) -> Message:
@@ -136,30 +135,6 @@ def test_poisoned_updates_are_rejected_and_never_averaged_in(federation: RoundSt
         merged = load_file(str(federation.adapter_dir(row["round"]) / "adapter_model.safetensors"))
         for key, value in fedavg(honest).items():
             np.testing.assert_allclose(merged[key], value, rtol=1e-5, atol=1e-6)
-
-
-def test_the_federated_model_beats_every_local_only_model(federation: RoundStore, tmp_path: Path) -> None:
-    from rich.console import Console
-
-    from launcher.plan.jobs import prepare_run
-    from launcher.train.core import run_training
-    from launcher.train.evaluate import evaluate_target
-
-    federated = federation.rows()[-1]["server_eval"]
-    local: dict[str, dict[str, float]] = {}
-    for site in HONEST:
-        overrides = [
-            f"train.max_steps={ROUNDS * LOCAL_STEPS}",
-            f"output.dir={tmp_path}",
-            "eval.at_start=false",
-        ]
-        prepared = prepare_run(REPO / "configs" / "federated" / f"{site}.yaml", overrides)
-        run_training(prepared.run_dir, Console(stderr=True, quiet=True))
-        local[site] = evaluate_target(prepared.run_dir, str(SHARED_VAL))
-    print(json.dumps({"federated": federated, "local_only": local}, indent=1))
-    for site, metrics in local.items():  # the task metrics of a classifier: accuracy and F1
-        assert federated["eval_accuracy"] > metrics["eval_accuracy"], (site, federated, metrics)
-        assert federated["eval_f1"] > metrics["eval_f1"], (site, federated, metrics)
 
 
 def test_the_report_command_prints_the_round_tables(

@@ -106,5 +106,7 @@ def test_a_stop_signal_to_the_cli_checkpoints_every_rank_exits_85_and_leaves_no_
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*/flotilla-checkpoint.json"))
     assert len(checkpoints) == 1
     assert not (run_dir / "summary.json").exists()
-    left = [pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    left = [
+        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert left == [], f"processes of the job left running: {left}"
