@@ -87,9 +87,12 @@ def build_client_app(simulated_sites: list[Site] | None = None, mods: Sequence[M
             return _legacy_train(msg, site)
         order = RoundOrder.from_config(msg.content["config"])
         result = train_local_round(site.job, site.work_dir, order, from_record(msg.content["arrays"]))
+        arrays = result.arrays
+        if order.frozen_lora_a:  # FFA-LoRA: A never changes here, so only B (and any head) goes back
+            arrays = {k: v for k, v in arrays.items() if ".lora_A." not in k}
         content = RecordDict(
             {
-                "arrays": to_record(result.arrays),
+                "arrays": to_record(arrays),
                 "metrics": MetricRecord(result.metrics),
                 "site": ConfigRecord({"name": site.name}),
             }

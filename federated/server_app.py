@@ -194,9 +194,15 @@ def _run_round(
     for message in messages:
         message.content["config"].update(announce(len(messages)))
     replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
-    received = {r.metadata.message_id: describe_payload(r) for r in replies if not r.has_error()}  # as sent
+    sent = [r for r in replies if not r.has_error()]
+    received = {r.metadata.message_id: describe_payload(r) for r in sent}  # as sent, before screening
+    bytes_up = {
+        r.metadata.message_id: sum(record_bytes(a) for a in r.content.array_records.values()) for r in sent
+    }
     accepted, rejections = screen(replies, arrays, fed, enrolled)
-    sites = _site_rows(messages, replies, rejections, record_bytes(record), names, enrolled, received)
+    sites = _site_rows(
+        messages, replies, rejections, record_bytes(record), names, enrolled, received, bytes_up
+    )
     if len(accepted) < fed.min_sites:
         raise FederationError(
             f"round {rnd}: {len(accepted)} valid update(s), fewer than min_sites={fed.min_sites} "
@@ -213,7 +219,10 @@ def _run_round(
     if merged is None:
         raise FederationError(f"round {rnd}: the {fed.strategy.name} strategy returned no aggregate")
     row = {"sites": sites, "aggregated": dict(aggregated or MetricRecord())}
-    return from_record(merged), row, {s["site"]: s.pop("payload") for s in sites if "payload" in s}
+    new_arrays = from_record(merged)
+    if fed.peft.freeze_lora_a:  # bit-exact: a weighted mean of equal A's is A only up to rounding
+        new_arrays = with_frozen_lora_a(new_arrays, arrays)
+    return new_arrays, row, {s["site"]: s.pop("payload") for s in sites if "payload" in s}
 
 
 #: Optimizer steps per site and round when the spec gives neither steps nor epochs.
@@ -233,6 +242,8 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["local-epochs"] = float(fed.local.epochs)
     else:
         config["local-steps"] = fed.local.steps or DEFAULT_LOCAL_STEPS
+    if fed.peft.freeze_lora_a:
+        config["frozen-lora-a"] = True
     if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it
         config["proximal-mu"] = fed.strategy.proximal_mu
     if fed.privacy.dp is not None and fed.privacy.dp.side == "client":
@@ -287,6 +298,9 @@ def screen(
         except (KeyError, TypeError, ValueError) as exc:
             rejections.append(Rejection(site, f"site {site!r}: malformed reply ({exc})"))
             continue
+        if fed.peft.freeze_lora_a:  # FFA-LoRA: the server's A is the only A; sites send B
+            arrays = with_frozen_lora_a(arrays, reference)
+            reply.content["arrays"] = to_record(arrays)
         updates.append(Update(site, arrays, examples))
         by_site.setdefault(site, reply)
     accepted, rejected = validate_updates(
@@ -310,6 +324,18 @@ def screen(
     return [by_site[u.site_id] for u in weighted], [*rejections, *rejected, *over_cap]
 
 
+def with_frozen_lora_a(
+    arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A site's FFA-LoRA update completed with the global A (any A it sent is ignored), in the
+    global adapter's key order."""
+    merged = {k: v for k, v in arrays.items() if ".lora_A." not in k}
+    merged.update({k: v for k, v in reference.items() if ".lora_A." in k})
+    return {k: merged[k] for k in reference if k in merged} | {
+        k: v for k, v in merged.items() if k not in reference
+    }
+
+
 def _common_metrics(replies: list[Message]) -> None:
     """Keep only the scalar metric keys every reply has (Flower's strategies require equal keys)."""
     records = [reply.content["metrics"] for reply in replies]
@@ -326,9 +352,10 @@ def _site_rows(
     names: dict[int, str],
     enrolled: dict[int, str],
     received: dict[str, dict[str, Any]],
+    bytes_up: dict[str, int],
 ) -> list[dict[str, Any]]:
     """Per-site outcome of a round: status, metrics, bytes each way and the payload description
-    (``received``: what each reply held before screening, by message id)."""
+    (``received`` and ``bytes_up``: what each reply held before screening, by message id)."""
     rejected = {r.site_id: r.reason for r in rejections}
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     rows: dict[int, dict[str, Any]] = {}
@@ -344,7 +371,7 @@ def _site_rows(
             "node": node,
             "status": "rejected" if site in rejected else "accepted",
             "metrics": dict(metrics) if metrics else {},
-            "bytes_up": sum(record_bytes(r) for r in reply.content.array_records.values()),
+            "bytes_up": bytes_up[reply.metadata.message_id],
             "payload": received[reply.metadata.message_id],
         }
         if site in rejected:

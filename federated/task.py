@@ -42,6 +42,7 @@ class RoundOrder:
     epochs: float | None = None
     proximal_mu: float = 0.0
     lr_scale: float = 1.0
+    frozen_lora_a: bool = False
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -56,6 +57,7 @@ class RoundOrder:
             epochs=float(config["local-epochs"]) if "local-epochs" in config else None,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             lr_scale=float(config.get("lr-scale", 1.0)),
+            frozen_lora_a=bool(config.get("frozen-lora-a", False)),
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
@@ -119,9 +121,11 @@ def _overrides(order: RoundOrder, init_dir: Path, work_dir: Path) -> list[str]:
         else ["train.max_steps=null", f"train.epochs={order.epochs}"]
     )
     labels = [f"data.labels={json.dumps(order.labels)}"] if order.labels else []
+    frozen = ["peft.freeze_lora_a=true"] if order.frozen_lora_a else []
     return [
         *budget,
         *labels,
+        *frozen,
         f"peft.init_from={init_dir}",
         f"seed={order.seed + order.server_round}",
         "eval.at_start=true",
@@ -136,6 +140,11 @@ def _check_task(spec: JobSpec, order: RoundOrder) -> None:
         raise FlotillaError("the site's job spec must use peft.method: lora (only adapters are exchanged)")
     if spec.model.task == "sequence_classification" and not order.labels:
         raise FlotillaError("the federation did not send label names for a classification task")
+    if order.frozen_lora_a and spec.peft.r != order.global_rank:
+        raise FlotillaError(
+            f"peft.r: the federation trains FFA-LoRA (A shared and frozen) at rank {order.global_rank}; "
+            f"this site's job spec asks for rank {spec.peft.r}"
+        )
 
 
 def fit_rank(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import tomllib
 from pathlib import Path
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import (
     FedMedian,
     FedProx,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
 )
 
@@ -29,7 +31,13 @@ from federated.ops.keys import create_trial_keys
 from federated.server_app import round_config, screen
 from federated.spec import load_federation
 from federated.strategy.aggregation import fedavg, lora_pairs
-from federated.strategy.strategies import LoraProductAverage, build_strategy, restore_state, strategy_state
+from federated.strategy.strategies import (
+    FedAvgMomentum,
+    LoraProductAverage,
+    build_strategy,
+    restore_state,
+    strategy_state,
+)
 from federated.task import RoundOrder, fit_rank
 from launcher.errors import FlotillaError, SpecError
 from tests.conftest import REPO
@@ -70,6 +78,8 @@ def test_spec_errors_name_the_key_and_what_is_allowed(write_spec: Any) -> None:
         ("fedavg", FedAvg),
         ("fedprox", FedProx),
         ("fedadam", FedAdam),
+        ("fedavgm", FedAvgMomentum),
+        ("fedyogi", FedYogi),
         ("median", FedMedian),
         ("trimmed_mean", FedTrimmedAvg),
         ("krum", Krum),
@@ -122,6 +132,38 @@ def test_strategy_state_survives_a_restart(write_spec: Any) -> None:
     assert fresh_adaptive.clipping_norm == 0.123
     np.testing.assert_array_equal(fresh.m_t["w"], np.arange(3.0))
     np.testing.assert_array_equal(fresh.v_t["w"], np.ones(3))
+    momentum = build_strategy(fed_spec(write_spec, strategy={"name": "fedavgm"}))
+    assert (momentum.server_learning_rate, momentum.server_momentum) == (1.0, 0.9)
+    momentum.momentum_vector = [np.arange(3.0), np.ones((2, 2))]
+    resumed = build_strategy(fed_spec(write_spec, strategy={"name": "fedavgm"}))
+    restore_state(resumed, *strategy_state(momentum))
+    assert [v.tolist() for v in resumed.momentum_vector] == [[0.0, 1.0, 2.0], [[1.0, 1.0], [1.0, 1.0]]]
+
+
+def test_cosine_schedule_over_rounds_reaches_its_floor_at_the_last_round(write_spec: Any) -> None:
+    spec = fed_spec(write_spec, rounds=5, local={"steps": 4, "lr_schedule": "cosine", "min_lr_ratio": 0.2})
+    scales = [round_config(spec, r)["lr-scale"] for r in range(1, 6)]
+    assert scales[0] == 1.0 and abs(scales[-1] - 0.2) < 1e-12
+    assert all(a > b for a, b in itertools.pairwise(scales)), scales
+    assert round_config(fed_spec(write_spec, rounds=5), 3)["lr-scale"] == 1.0
+
+
+def test_ffa_lora_sites_send_b_and_the_global_a_never_moves(write_spec: Any) -> None:
+    spec = fed_spec(write_spec, sites={}, min_sites=1, peft={"freeze_lora_a": True})
+    reference = adapter(0)
+    a_key = "m.q.lora_A.weight"
+    sent = []
+    for i in range(3):
+        update = {k: v + 0.01 * (i + 1) for k, v in reference.items() if k != a_key}
+        sent.append(update)
+    tampered = {**sent[0], a_key: reference[a_key] + 5.0}  # a site may not move the shared A
+    accepted, rejected = screen(
+        [reply(f"s{i}", a, 10) for i, a in enumerate([tampered, *sent[1:]])], reference, spec
+    )
+    assert not rejected and len(accepted) == 3
+    for message in accepted:
+        np.testing.assert_array_equal(from_record(message.content["arrays"])[a_key], reference[a_key])
+    assert round_config(spec, 1)["frozen-lora-a"] is True
 
 
 def adapter(seed: int, rank: int = 4) -> dict[str, np.ndarray]:

@@ -112,6 +112,10 @@ def apply_peft(model: PreTrainedModel, peft_spec: PeftSpec, task: str) -> PreTra
         raise FlotillaError(f"peft.target_modules: {exc}") from None
     if peft_spec.init_from:
         load_adapter_weights(wrapped, Path(peft_spec.init_from))
+    if peft_spec.freeze_lora_a:
+        for name, param in wrapped.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return wrapped
 
 

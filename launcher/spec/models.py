@@ -111,6 +111,9 @@ class PeftSpec(Section):
     init_from: str | None = Field(
         default=None, description="a PEFT adapter folder whose weights start this run"
     )
+    #: FFA-LoRA (Sun et al. 2024): A stays as initialized and only B trains. Federated, every site
+    #: shares the server's A, so averaging B averages the updates B·A exactly, and only B travels up.
+    freeze_lora_a: bool = False
 
 
 class EarlyStopping(Section):
