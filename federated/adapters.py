@@ -6,7 +6,7 @@ base model is loaded once on the server to shape the adapter and to size what fu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,18 @@ def _unique_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
             seen.add(tensor.data_ptr())
             out.append(tensor)
     return out
+
+
+def complete_from(
+    arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], keep: Callable[[str], bool]
+) -> Arrays:
+    """``arrays`` with every tensor ``keep`` names taken from ``reference`` (whatever was sent for
+    it is ignored), in ``reference``'s key order."""
+    merged = {k: v for k, v in arrays.items() if not keep(k)}
+    merged.update({k: v for k, v in reference.items() if keep(k)})
+    return {k: merged[k] for k in reference if k in merged} | {
+        k: v for k, v in merged.items() if k not in reference
+    }
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

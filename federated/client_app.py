@@ -88,8 +88,7 @@ def build_client_app(simulated_sites: list[Site] | None = None, mods: Sequence[M
         order = RoundOrder.from_config(msg.content["config"])
         result = train_local_round(site.job, site.work_dir, order, from_record(msg.content["arrays"]))
         arrays = result.arrays
-        if order.frozen_lora_a:  # FFA-LoRA: A never changes here, so only B (and any head) goes back
-            arrays = {k: v for k, v in arrays.items() if ".lora_A." not in k}
+        arrays = {k: v for k, v in arrays.items() if not order.withheld(k)}  # FFA's A, personalised
         content = RecordDict(
             {
                 "arrays": to_record(arrays),

@@ -23,7 +23,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log  # Flower's logger: shown in simulation and by `flwr log`
 
-from federated.adapters import GlobalModel, from_record, record_bytes, to_record
+from federated.adapters import GlobalModel, complete_from, from_record, record_bytes, to_record
 from federated.fingerprints import base_model_sha256, code_sha256
 from federated.policy import POLICY_REFUSED, announcement
 from federated.rounds import RoundStore
@@ -220,8 +220,8 @@ def _run_round(
         raise FederationError(f"round {rnd}: the {fed.strategy.name} strategy returned no aggregate")
     row = {"sites": sites, "aggregated": dict(aggregated or MetricRecord())}
     new_arrays = from_record(merged)
-    if fed.peft.freeze_lora_a:  # bit-exact: a weighted mean of equal A's is A only up to rounding
-        new_arrays = with_frozen_lora_a(new_arrays, arrays)
+    if fed.peft.freeze_lora_a or fed.local.keep_local:  # bit-exact: a mean of equal tensors is
+        new_arrays = complete_from(new_arrays, arrays, fed.withheld)  # equal only up to rounding
     return new_arrays, row, {s["site"]: s.pop("payload") for s in sites if "payload" in s}
 
 
@@ -244,6 +244,8 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["local-steps"] = fed.local.steps or DEFAULT_LOCAL_STEPS
     if fed.peft.freeze_lora_a:
         config["frozen-lora-a"] = True
+    if fed.local.keep_local:
+        config["keep-local"] = list(fed.local.keep_local)
     if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it
         config["proximal-mu"] = fed.strategy.proximal_mu
     if fed.privacy.dp is not None and fed.privacy.dp.side == "client":
@@ -298,8 +300,8 @@ def screen(
         except (KeyError, TypeError, ValueError) as exc:
             rejections.append(Rejection(site, f"site {site!r}: malformed reply ({exc})"))
             continue
-        if fed.peft.freeze_lora_a:  # FFA-LoRA: the server's A is the only A; sites send B
-            arrays = with_frozen_lora_a(arrays, reference)
+        if fed.peft.freeze_lora_a or fed.local.keep_local:  # tensors sites keep: the server's stand
+            arrays = complete_from(arrays, reference, fed.withheld)
             reply.content["arrays"] = to_record(arrays)
         updates.append(Update(site, arrays, examples))
         by_site.setdefault(site, reply)
@@ -322,18 +324,6 @@ def screen(
         metrics["claimed-examples"] = metrics["num-examples"]  # what the site said, for the reports
         metrics["num-examples"] = update.num_examples
     return [by_site[u.site_id] for u in weighted], [*rejections, *rejected, *over_cap]
-
-
-def with_frozen_lora_a(
-    arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """A site's FFA-LoRA update completed with the global A (any A it sent is ignored), in the
-    global adapter's key order."""
-    merged = {k: v for k, v in arrays.items() if ".lora_A." not in k}
-    merged.update({k: v for k, v in reference.items() if ".lora_A." in k})
-    return {k: merged[k] for k in reference if k in merged} | {
-        k: v for k, v in merged.items() if k not in reference
-    }
 
 
 def _common_metrics(replies: list[Message]) -> None:

@@ -9,6 +9,8 @@ job spec (whose data never leaves the site).
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,6 +35,12 @@ NonNegativeFloat = Annotated[float, Field(ge=0.0)]
 SUM_STRATEGIES = ("fedavg", "fedprox")
 
 
+def withheld(key: str, frozen_lora_a: bool, keep_local: Sequence[str]) -> bool:
+    """Whether adapter tensor ``key`` stays at the site: LoRA's A under FFA-LoRA (the server's A is
+    the only one), or a tensor the federation personalises (``local.keep_local`` regexes)."""
+    return (frozen_lora_a and ".lora_A." in key) or any(re.search(pattern, key) for pattern in keep_local)
+
+
 class LocalTraining(Section):
     """What each site trains per round: ``steps`` optimizer steps (10 when neither is given), or
     ``epochs`` over its data."""
@@ -43,6 +51,10 @@ class LocalTraining(Section):
     #: round to ``min_lr_ratio`` at the last (as FlowerTune's LLM baselines do).
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: Fraction = 0.1
+    #: Personalisation: regexes of adapter tensor names that stay at each site, never sent and never
+    #: replaced by the global ones: ``[lora_B]`` is FedSA-LoRA (A shared, B per site), ``[classifier]``
+    #: a head per site. Each site's own model is then its personalised one, evaluated on its own rows.
+    keep_local: list[str] = Field(default_factory=list)
 
     def lr_scale(self, server_round: int, rounds: int) -> float:
         """The factor on the sites' learning rate in ``server_round`` (1-based) of ``rounds``."""
@@ -178,6 +190,10 @@ class FederationSpec(Section):
             return "uniform"
         return "examples" if self.privacy.secagg is not None else "capped"
 
+    def withheld(self, key: str) -> bool:
+        """Whether sites keep adapter tensor ``key`` (FFA-LoRA's A, ``local.keep_local``)."""
+        return withheld(key, self.peft.freeze_lora_a, self.local.keep_local)
+
     def expected_sites(self) -> int:
         """Sites expected per round: all listed sites, else ``min_sites``."""
         return max(len(self.sites), self.min_sites)
@@ -252,6 +268,14 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
             problems.append(("privacy", "use either privacy.dp or privacy.secagg, not both"))
         if spec.min_sites < 2:
             problems.append(("min_sites", "SecAgg+ needs at least 2 sites per round"))
+    if local.keep_local and (secagg is not None or spec.strategy.name == "lora_product"):
+        problems.append(
+            (
+                "local.keep_local",
+                "personalised tensors cannot be combined with privacy.secagg (every tensor is summed) "
+                "or lora_product (it needs every site's A and B)",
+            )
+        )
     problems += _weighting_problems(spec)
     problems += _dp_problems(spec)
     if spec.strategy.name == "krum" and spec.min_sites < 2 * spec.strategy.krum_malicious_sites + 3:

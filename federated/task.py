@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
+from federated.spec import withheld
 from federated.strategy import Update, lora_pairs, lora_product_average
 from launcher.backends import get_backend
 from launcher.errors import BackendError, FlotillaError
@@ -43,6 +44,7 @@ class RoundOrder:
     proximal_mu: float = 0.0
     lr_scale: float = 1.0
     frozen_lora_a: bool = False
+    keep_local: list[str] = field(default_factory=list)
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -58,11 +60,16 @@ class RoundOrder:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             lr_scale=float(config.get("lr-scale", 1.0)),
             frozen_lora_a=bool(config.get("frozen-lora-a", False)),
+            keep_local=[str(pattern) for pattern in config.get("keep-local", [])],
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
             seed=int(config.get("seed", 0)),
         )
+
+    def withheld(self, key: str) -> bool:
+        """Whether this site keeps tensor ``key`` (FFA-LoRA's A, a personalised tensor)."""
+        return withheld(key, self.frozen_lora_a, self.keep_local)
 
 
 @dataclass
@@ -90,6 +97,8 @@ def train_local_round(
         order.lr_scale
     )  # the federation's schedule over rounds, on the site's own rate
     local_arrays = fit_rank(global_arrays, spec.peft.r, spec.peft.alpha, order, spec.seed)
+    if order.keep_local:
+        local_arrays = personalised(local_arrays, work_dir, order)
     save_file(
         {k: np.ascontiguousarray(v) for k, v in local_arrays.items()}, init_dir / "adapter_model.safetensors"
     )
@@ -111,6 +120,17 @@ def train_local_round(
     report = json.loads((run_dir / "data_report.json").read_text())
     metrics = _metrics(summary, report, spec, time.time() - started)
     return RoundResult(ordered, metrics, run_dir)
+
+
+def personalised(arrays: Arrays, work_dir: Path, order: RoundOrder) -> Arrays:
+    """The global arrays with this site's own personalised tensors, as its latest round trained
+    them (the global ones in its first round)."""
+    for earlier in range(order.server_round - 1, 0, -1):
+        saved = work_dir / f"round-{earlier:03d}" / "adapter" / "adapter_model.safetensors"
+        if saved.is_file():
+            own = load_file(str(saved))
+            return {k: own[k] if order.withheld(k) and k in own else v for k, v in arrays.items()}
+    return dict(arrays)
 
 
 def _overrides(order: RoundOrder, init_dir: Path, work_dir: Path) -> list[str]:

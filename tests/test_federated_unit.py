@@ -293,3 +293,34 @@ def test_replaced_private_keys_are_owner_only(tmp_path: Path) -> None:
     create_trial_keys(tmp_path, ["site_a"], force=True)
     assert key.stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_personalised_tensors_stay_at_each_site_and_the_server_never_averages_them(
+    write_spec: Any, tmp_path: Path
+) -> None:
+    from safetensors.numpy import save_file
+
+    from federated.task import personalised
+
+    spec = fed_spec(write_spec, sites={}, min_sites=1, local={"steps": 2, "keep_local": ["lora_B"]})
+    reference = adapter(0)
+    b_key = "m.q.lora_B.weight"
+    replies = [reply("s0", {k: v + 1.0 for k, v in reference.items()}, 10)]  # sends a B anyway
+    replies.append(reply("s1", {k: v + 0.5 for k, v in reference.items() if k != b_key}, 10))
+    accepted, rejected = screen(replies, reference, spec)
+    assert not rejected
+    for message in accepted:
+        np.testing.assert_array_equal(from_record(message.content["arrays"])[b_key], reference[b_key])
+
+    order = RoundOrder.from_config({**round_config(spec, 3), "server-round": 3})
+    assert (
+        order.keep_local == ["lora_B"] and order.withheld(b_key) and not order.withheld("m.q.lora_A.weight")
+    )
+    own = {k: v * 7.0 for k, v in reference.items()}
+    (tmp_path / "round-001" / "adapter").mkdir(parents=True)
+    save_file(own, str(tmp_path / "round-001" / "adapter" / "adapter_model.safetensors"))
+    start = personalised(reference, tmp_path, order)  # round 2 was missed: round 1's own B is used
+    np.testing.assert_array_equal(start[b_key], own[b_key])
+    np.testing.assert_array_equal(start["m.q.lora_A.weight"], reference["m.q.lora_A.weight"])
+    with pytest.raises(SpecError, match="keep_local"):
+        fed_spec(write_spec, local={"keep_local": ["lora_B"]}, strategy={"name": "lora_product"})
