@@ -43,7 +43,12 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_momentum=0.9",
         "local.lr_schedule=cosine",
     ],
+    "ffa-lora": ["peft.freeze_lora_a=true"],
+    "fedsa-lora": ["local.keep_local=[lora_B]"],
+    "per-site-head": ["local.keep_local=[classifier]"],
 }
+#: Variants whose sites keep tensors of their own: the global model is not what a site uses, its own is.
+PERSONALISED = ("fedsa-lora", "per-site-head")
 
 
 def _accuracy(metrics: dict[str, Any]) -> float:
@@ -61,8 +66,13 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[
     simulate(fed, out / fed.name)
     rows = RoundStore(out / fed.name).rows()
     up = [site["bytes_up"] for row in rows[1:] for site in row.get("sites", []) if site.get("bytes_up")]
+    last = {site["site"]: site.get("metrics", {}) for site in rows[-1].get("sites", [])}
     return {
         "overrides": overrides,
+        # each site's own held-out rows: the model it received this round (before its local steps)
+        # and its model after them (a personalised variant's per-site model)
+        "own_test_received": {s: m.get("global-eval_accuracy") for s, m in last.items()},
+        "own_test_after_local": {s: m.get("eval_accuracy") for s, m in last.items()},
         "accuracy_per_round": [_accuracy(row["server_eval"]) for row in rows],
         "final": rows[-1]["server_eval"],
         "bytes_up_per_site_round": max(up) if up else 0,
@@ -101,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"output.dir={out / 'baselines'}", "eval.at_start=false"]
     if not args.skip_baselines:
         pooled_files = json.dumps([{"path": str(bench.site_data(site))} for site in bench.sites])
-        pooled = train_and_evaluate(
+        (pooled,) = train_and_evaluate(
             bench.site_spec(bench.sites[0]),
             [
                 *common,
@@ -114,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         results["pooled"] = pooled
         local: dict[str, Any] = {}
         for site in bench.sites:
-            shared = train_and_evaluate(bench.site_spec(site), [*common, f"train.max_steps={steps}"], test)
-            local[site] = {"shared_test": shared}
+            shared, own = train_and_evaluate(
+                bench.site_spec(site), [*common, f"train.max_steps={steps}"], test, str(bench.site_test(site))
+            )
+            local[site] = {"shared_test": shared, "own_test": own}
         results["local_only"] = local
         print(
             f"pooled accuracy {_accuracy(pooled):.4f}; local-only: "
@@ -145,6 +157,8 @@ def print_table(results: dict[str, Any]) -> None:
     if best_local is not None:
         print(f"{'best site alone':<18} {best_local:>9.4f}")
     for name, variant in results["variants"].items():
+        if name in PERSONALISED:
+            continue
         accuracy = _accuracy(variant["final"])
         share = f"{accuracy / pooled:.3f}" if pooled else "-"
         reached = (
@@ -155,6 +169,22 @@ def print_table(results: dict[str, Any]) -> None:
         print(
             f"{name:<18} {accuracy:>9.4f} {share:>10} {reached if reached is not None else '-'!s:>14} "
             f"{variant['bytes_up_per_site_round']:>10} {variant['seconds']:>8.0f}"
+        )
+    print_personalised(results)
+
+
+def print_personalised(results: dict[str, Any]) -> None:
+    """Each site on its own held-out rows: alone, the global model, each personalised variant."""
+    variants = results["variants"]
+    personal = [name for name in PERSONALISED if name in variants]
+    if not personal or "local_only" not in results or "fedavg" not in variants:
+        return
+    print(f"\n{'site (own rows)':<16} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in personal))
+    for site, local in results["local_only"].items():
+        cells = [variants[n]["own_test_after_local"].get(site) for n in personal]
+        print(
+            f"{site:<16} {_accuracy(local['own_test']):>7.4f} {variants['fedavg']['own_test_received'][site]:>7.4f} "
+            + " ".join(f"{c:>14.4f}" for c in cells)
         )
 
 

@@ -26,8 +26,8 @@ SITES = ("site_a", "site_b", "site_c")
 SHARED_VAL = REPO / "configs" / "data" / "sites" / "shared_val.jsonl"
 
 
-def train_and_evaluate(job: Path, overrides: list[str], test: str = str(SHARED_VAL)) -> dict[str, float]:
-    """Train a job spec through the train core and evaluate it on ``test`` (the shared validation set)."""
+def train_and_evaluate(job: Path, overrides: list[str], *tests: str) -> tuple[dict[str, float], ...]:
+    """Train a job spec through the train core and evaluate it on each of ``tests``."""
     from rich.console import Console
 
     from launcher.plan.jobs import prepare_run
@@ -36,7 +36,7 @@ def train_and_evaluate(job: Path, overrides: list[str], test: str = str(SHARED_V
 
     prepared = prepare_run(job, overrides)
     run_training(prepared.run_dir, Console(stderr=True, quiet=True))
-    return evaluate_target(prepared.run_dir, test)
+    return tuple(evaluate_target(prepared.run_dir, test) for test in tests)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"output.dir={out}", "eval.at_start=false"]
     for site in SITES:
         job = REPO / "configs" / "federated" / f"{site}.yaml"
-        results[f"local-only {site}"] = train_and_evaluate(job, [*common, f"train.max_steps={steps}"])
+        (results[f"local-only {site}"],) = train_and_evaluate(
+            job, [*common, f"train.max_steps={steps}"], str(SHARED_VAL)
+        )
     pooled = json.dumps([{"path": str(REPO / "configs" / "data" / "sites" / f"{s}.jsonl")} for s in SITES])
-    results["centralized"] = train_and_evaluate(
+    (results["centralized"],) = train_and_evaluate(
         REPO / "configs" / "federated" / "site_a.yaml",
         [*common, f"train.max_steps={len(SITES) * steps}", f"data.train={pooled}", "name=centralized"],
+        str(SHARED_VAL),
     )
     print(f"\n{'model':<22} {'eval loss':>10} {'accuracy':>9} {'F1':>7} {'AUC':>7}   (shared validation set)")
     for name, metrics in results.items():
