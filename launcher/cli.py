@@ -232,7 +232,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from launcher.train import write_report  # the train layer imports torch: only for this command
 
-    print_summary(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    if (run_dir / "rounds.jsonl").is_file():
+        raise FlotillaError(f"{run_dir} is a federation work dir: use flotilla fed report {run_dir}")
+    reopen_run(run_dir)  # a clear error for anything that is not a run directory
+    print_summary(run_dir)
     out.print(f"report: {write_report(Path(args.run_dir))}", soft_wrap=True)
     return 0
 

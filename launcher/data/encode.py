@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from launcher.errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -75,7 +77,11 @@ def _assistant_spans(
         before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
         if not (text.startswith(before) and text.startswith(through.rstrip())):
-            raise ValueError("the chat template does not render conversations prefix by prefix")
+            raise DataError(
+                "format 'chat': this tokenizer's chat template does not render a conversation prefix by "
+                "prefix, so the assistant turns cannot be located for the loss mask; use format "
+                "'instruction' or 'text', or a model whose template does"
+            )
         spans.append((len(before), len(through.rstrip())))
     return spans
 

@@ -127,7 +127,12 @@ def load_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise FlotillaError(f"peft.init_from: {weights} does not exist")
-    result = set_peft_model_state_dict(model, load_file(str(weights)))
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(weights)))
+    except RuntimeError as exc:  # torch's size mismatch: an adapter of another rank or model
+        raise FlotillaError(
+            f"peft.init_from: {weights} does not fit this model and peft settings: {exc}"
+        ) from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise FlotillaError(

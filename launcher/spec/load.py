@@ -239,6 +239,9 @@ def resolve_path(value: str, spec_file: Path, *, absolute: bool = False) -> str:
     if Path(value).is_absolute():
         return value
     for base in (Path.cwd(), Path(spec_file).resolve().parent):
-        if (base / value).exists():
-            return str((base / value).resolve())
+        try:
+            if (base / value).exists():
+                return str((base / value).resolve())
+        except OSError:  # a name the filesystem refuses (too long): it names nothing here
+            continue
     return str((Path.cwd() / value).resolve()) if absolute else value

@@ -26,6 +26,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from launcher.atomic import write_json_atomic
 from launcher.data import PreparedData, prepare_data
+from launcher.errors import SpecError
 from launcher.model import (
     apply_peft,
     count_parameters,
@@ -158,7 +159,12 @@ def build_model(
             for param in params:
                 param.requires_grad_(True)
             if not params:
-                raise ValueError(f"model.unfreeze_schedule: nothing matches {stage.patterns}")
+                raise SpecError(
+                    "model.unfreeze_schedule",
+                    [
+                        f"model.unfreeze_schedule (step {stage.step}): no parameter name matches {stage.patterns}"
+                    ],
+                )
         unfreeze = GradualUnfreeze(stages)
     return model, unfreeze
 
