@@ -14,6 +14,7 @@ split (``rounds.jsonl``); "rounds to 90%" is the first round whose accuracy reac
 
     python bench/fed_noniid.py [--sites 8] [--alpha 0.3] [--rounds 10] [--local-steps 10] \
         [--variants fedavg,fedavgm] [--json bench/results/fed_noniid.json]
+    python bench/fed_noniid.py --print bench/results/fed_noniid*.json     # the tables of saved runs
 """
 
 from __future__ import annotations
@@ -90,7 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="fedavg,fedavgm")
     parser.add_argument("--skip-baselines", action="store_true", help="only the federated variants")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--print", type=Path, nargs="+", metavar="JSON", help="print the tables of saved runs"
+    )
     args = parser.parse_args(argv)
+    if args.print:
+        merged: dict[str, Any] = {"variants": {}}
+        for saved in args.print:  # later files add variants (and their baselines) to earlier ones
+            results = json.loads(saved.read_text())
+            merged["variants"].update(results.pop("variants"))
+            merged.update(results)
+        print_table(merged)
+        return 0
     sys.path.insert(0, str(REPO))
     from bench.apt_sections import build
     from bench.fed_quality import train_and_evaluate
@@ -177,13 +189,23 @@ def print_personalised(results: dict[str, Any]) -> None:
     """Each site on its own held-out rows: alone, the global model, each personalised variant."""
     variants = results["variants"]
     personal = [name for name in PERSONALISED if name in variants]
-    if not personal or "local_only" not in results or "fedavg" not in variants:
+    shared = [
+        name
+        for name, variant in variants.items()
+        if name not in PERSONALISED
+        and all(v is not None for v in variant.get("own_test_received", {None: None}).values())
+    ]
+    if not personal or "local_only" not in results or not shared:
         return
-    print(f"\n{'site (own rows)':<16} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in personal))
+    reference = shared[0]
+    print(
+        f"\nEach site on its own held-out rows; global = the {reference} model a site received in the last round"
+    )
+    print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in personal))
     for site, local in results["local_only"].items():
         cells = [variants[n]["own_test_after_local"].get(site) for n in personal]
         print(
-            f"{site:<16} {_accuracy(local['own_test']):>7.4f} {variants['fedavg']['own_test_received'][site]:>7.4f} "
+            f"{site:<10} {_accuracy(local['own_test']):>7.4f} {variants[reference]['own_test_received'][site]:>7.4f} "
             + " ".join(f"{c:>14.4f}" for c in cells)
         )
 

@@ -82,6 +82,15 @@ def test_overrides_apply_and_are_validated() -> None:
         ({"resources": {"zero": {"stage": 2}}}, "ZeRO needs DeepSpeed"),
         ({"eval": {"metrics": ["accuracy"]}}, "do not apply"),
         ({"data": {"train": "x", "validation_ratio": 0.0}, "eval": {"steps": 5}}, "needs validation data"),
+        (
+            {"train": {"early_stopping": {"metric": "eval_f1"}}, "eval": {"steps": 5}},
+            "did you mean 'eval_loss'",
+        ),
+        (
+            {"train": {"early_stopping": {"metric": "eval_loss", "mode": "max"}}, "eval": {"steps": 5}},
+            "eval_loss is better when lower: use mode: min",
+        ),
+        ({"data": {"train": "x", "labels": ["a", "a"]}}, "data.labels"),
     ],
 )
 def test_cross_field_rules(change: dict, needle: str) -> None:

@@ -149,11 +149,44 @@ def _eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
         )
     if spec.train.early_stopping and spec.eval.steps is None:
         problems.append(("train.early_stopping", "needs eval.steps (how often to evaluate)"))
+    if spec.train.early_stopping:
+        problems += _early_stopping_metric_problems(spec)
     if spec.eval.steps is not None and not has_validation:
         problems.append(
             ("eval.steps", "needs validation data (data.validation or data.validation_ratio > 0)")
         )
     return problems
+
+
+#: Periodic evaluation's metrics a metric of ``min`` mode is better the lower it is.
+LOWER_IS_BETTER = {"eval_loss", "eval_perplexity"}
+
+
+def _early_stopping_metric_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """The metric must be one periodic evaluation produces for this task, and its mode the right way."""
+    early = spec.train.early_stopping
+    assert early is not None
+    task_metrics = CLASSIFICATION_METRICS if spec.model.task == "sequence_classification" else {"perplexity"}
+    produced = sorted({"eval_loss", *(f"eval_{m}" for m in task_metrics)})
+    metric = early.metric if early.metric.startswith("eval_") else f"eval_{early.metric}"
+    if metric not in produced:
+        hint = difflib.get_close_matches(metric, produced, 1)
+        return [
+            (
+                "train.early_stopping.metric",
+                f"{early.metric!r} is not a metric that evaluation produces for model.task="
+                f"{spec.model.task!r}; one of {produced}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
+            )
+        ]
+    right = "min" if metric in LOWER_IS_BETTER else "max"
+    if early.mode != right:
+        return [
+            (
+                "train.early_stopping.mode",
+                f"{metric} is better when {'lower' if right == 'min' else 'higher'}: use mode: {right}",
+            )
+        ]
+    return []
 
 
 def _slurm_problems(spec: JobSpec) -> list[tuple[str, str]]:
