@@ -6,12 +6,14 @@ Fast: no training. The end-to-end runs are in tests/test_deepspeed.py.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -232,3 +234,22 @@ def test_the_forwarded_environment_is_owner_only_and_keeps_secrets_off_disk(
     assert "hf_secret_value" not in written and "NCCL_API_KEY" not in written
     monkeypatch.setenv("FLOTILLA_FORWARD_SECRETS", "HF_TOKEN")
     assert "HF_TOKEN=hf_secret_value" in _write_forwarded_env(tmp_path).read_text()  # listed: forwarded
+
+
+def test_a_stale_job_record_never_reports_or_signals_the_process_that_reuses_its_pid(tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "60"])  # stands for an unrelated process that got the PID
+    try:
+        (tmp_path / "plan.json").write_text("{}")
+        (tmp_path / "metrics.jsonl").write_text("")
+        record = {"backend": "deepspeed", "job_id": str(bystander.pid), "started": "1000.0"}
+        (tmp_path / "job.json").write_text(json.dumps(record))
+        assert flotilla("status", str(tmp_path)).stdout.strip() == "FAILED"
+        cancel = flotilla("cancel", str(tmp_path))
+        assert cancel.returncode == 2 and "is not running" in cancel.stderr, cancel.stderr
+        assert bystander.poll() is None, "the unrelated process was signalled"
+        record["started"] = str(psutil.Process(bystander.pid).create_time())  # the real launcher's record
+        (tmp_path / "job.json").write_text(json.dumps(record))
+        assert flotilla("status", str(tmp_path)).stdout.strip() == "RUNNING"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -12,6 +12,7 @@ Ranks reach each other at a master address and port chosen here and printed befo
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -19,10 +20,11 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 
 from launcher.atomic import write_owner_only
-from launcher.backends.base import RunHandle, follow_logs
+from launcher.backends.base import JOB_RECORD, RunHandle, follow_logs
 from launcher.backends.commands import (
     free_port,
     launcher_command,
@@ -30,7 +32,7 @@ from launcher.backends.commands import (
     render_shell,
     torchrun_command,
 )
-from launcher.errors import REQUEUE_EXIT_CODE, BackendError
+from launcher.errors import REQUEUE_EXIT_CODE, BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import run_process_group
 from launcher.rundir import run_state
@@ -77,6 +79,7 @@ class DeepSpeedBackend:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        details["started"] = str(psutil.Process(process.pid).create_time())  # the PID's identity
         return RunHandle(self.name, run_dir, job_id=str(process.pid), details=details)
 
     def _start(self, plan: Plan, port: int) -> _Start:
@@ -116,7 +119,7 @@ class DeepSpeedBackend:
         if exit_file.is_file():
             code = int(exit_file.read_text().strip() or "1")
             return "SUCCEEDED" if code == 0 else ("REQUEUED" if code == REQUEUE_EXIT_CODE else "FAILED")
-        if _alive(int(job_id)):
+        if _is_the_job(int(job_id), run_dir):
             return state if state != "UNKNOWN" else "RUNNING"
         return "CANCELLED" if (run_dir / CANCEL_FILE).is_file() else "FAILED"
 
@@ -136,21 +139,27 @@ class DeepSpeedBackend:
         return ""
 
     def cancel(self, job_id: str, run_dir: Path | None = None) -> None:
-        if not job_id.isdigit() or not _alive(int(job_id)):
-            raise BackendError(f"job {job_id} is not running")
+        if not job_id.isdigit() or not _is_the_job(int(job_id), run_dir):
+            raise FlotillaError(f"job {job_id} is not running")  # a request that cannot apply
         if run_dir is not None:
             (run_dir / CANCEL_FILE).touch()
         os.killpg(int(job_id), signal.SIGTERM)  # the launcher's session: ranks checkpoint, then stop
 
 
-def _alive(pid: int) -> bool:
+def _is_the_job(pid: int, run_dir: Path | None) -> bool:
+    """Whether ``pid`` is still the launcher ``flotilla submit`` started: the PID must exist and,
+    where the run's job record holds its start time, have started then (not a later process that
+    reuses the PID)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        started = process.create_time()
+    except psutil.Error:
         return False
-    except PermissionError:
-        return True
-    return True
+    record = run_dir / JOB_RECORD if run_dir is not None else None
+    if record is None or not record.is_file():
+        return True  # a bare PID: nothing recorded to compare with
+    expected = json.loads(record.read_text()).get("started")
+    return expected is None or abs(float(expected) - started) < 0.05
 
 
 def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
