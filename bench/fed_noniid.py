@@ -44,6 +44,11 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_momentum=0.9",
         "local.lr_schedule=cosine",
     ],
+    "fedavg-server-lr-2": [
+        "strategy.name=fedavgm",
+        "strategy.server_momentum=0.0",
+        "strategy.server_learning_rate=2.0",
+    ],
     "ffa-lora": ["peft.freeze_lora_a=true"],
     "fedsa-lora": ["local.keep_local=[lora_B]"],
     "per-site-head": ["local.keep_local=[classifier]"],
