@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.processes import process_tree
@@ -110,3 +111,33 @@ def test_a_stop_signal_to_the_cli_checkpoints_every_rank_exits_85_and_leaves_no_
         pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     assert left == [], f"processes of the job left running: {left}"
+
+
+def test_early_stopping_saves_the_best_checkpoints_weights_not_the_last(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    from safetensors.torch import load_file
+
+    from launcher.rundir import read_jsonl
+
+    train = {"max_steps": 12, "learning_rate": 3e-2, "warmup_ratio": 0.0, "scheduler": "constant"}
+    early = {"metric": "eval_loss", "mode": "min", "patience": 100}  # never stops: best != last below
+    spec = write_spec(
+        tiny_job(tiny_llama, tmp_path, train={**train, "early_stopping": early}, eval={"steps": 2})
+    )
+    result = flotilla("run", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    evaluations = {
+        r["step"]: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r
+    }
+    best = min(evaluations, key=evaluations.__getitem__)
+    assert best < max(evaluations), f"the validation loss kept falling, nothing to choose: {evaluations}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best}")
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    at_best = load_file(str(run_dir / "checkpoints" / f"checkpoint-{best}" / "adapter_model.safetensors"))
+    assert saved.keys() == at_best.keys()
+    for key, value in saved.items():
+        assert torch.equal(value, at_best[key]), key
+    assert abs(summary["after"]["eval_loss"] - evaluations[best]) < 1e-4

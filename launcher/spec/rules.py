@@ -151,6 +151,15 @@ def _eval_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("train.early_stopping", "needs eval.steps (how often to evaluate)"))
     if spec.train.early_stopping:
         problems += _early_stopping_metric_problems(spec)
+        save, every = spec.train.save_steps, spec.eval.steps
+        if save is not None and every is not None and save % every:
+            problems.append(
+                (
+                    "train.save_steps",
+                    f"{save} is not a multiple of eval.steps={every}: early stopping keeps the best "
+                    "checkpoint, so checkpoints must fall on evaluations",
+                )
+            )
     if spec.eval.steps is not None and not has_validation:
         problems.append(
             ("eval.steps", "needs validation data (data.validation or data.validation_ratio > 0)")

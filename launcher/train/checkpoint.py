@@ -64,10 +64,11 @@ def latest_verified_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def rotate_checkpoints(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints."""
+def rotate_checkpoints(root: Path, keep: int, also: Path | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints, and ``also`` (the best one, under early stopping)."""
     for _, path in checkpoints_by_step(root)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+        if also is None or path.resolve() != also.resolve():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def save_verified(

@@ -134,6 +134,7 @@ def run_training(
                 "before": before,
                 "after": after,
                 "artifact": str(artifact),
+                "best_checkpoint": trainer.state.best_model_checkpoint if spec.train.early_stopping else None,
                 "labels": data.labels,
             },
         )
@@ -206,6 +207,8 @@ def training_arguments(spec: JobSpec, plan: Plan, run_dir: Path) -> TrainingArgu
         length_column_name="length",
         metric_for_best_model=early.metric if early else None,
         greater_is_better=(early.mode == "max") if early else None,
+        # early stopping keeps the best checkpoint by its metric, not the last one
+        load_best_model_at_end=early is not None,
         disable_tqdm=True,
         dataloader_num_workers=0,
         optim=train.optimizer,

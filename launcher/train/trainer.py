@@ -76,11 +76,25 @@ class FlotillaTrainer(Trainer):
         finally:
             self._staging_root = None
         self._barrier()
+        best = self._published_best()
         if self.args.should_save:
             seal_checkpoint(staging_root / name, root / name, step)
             shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(root, self.keep_checkpoints)
+            rotate_checkpoints(root, self.keep_checkpoints, also=Path(best) if best else None)
         self._barrier()
+
+    def _published_best(self) -> str | None:
+        """The best checkpoint's published path: the Trainer records the staging folder it saved
+        into (``.staging-N/checkpoint-N``), which sealing renames to ``checkpoint-N``."""
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent.name.startswith(".staging-"):
+            best = str(Path(best).parent.parent / Path(best).name)
+            self.state.best_model_checkpoint = best
+        return best
+
+    def _load_best_model(self) -> None:
+        self._published_best()  # also after a resume, whose trainer_state.json holds the staging path
+        super()._load_best_model()
 
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
