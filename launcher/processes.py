@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import threading
@@ -16,20 +15,22 @@ from launcher.errors import REQUEUE_EXIT_CODE
 
 #: Signals that stop a job (SIGUSR1 is Slurm's warning before the time limit).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-#: What the job's process group gets at the first, second and later stop signal: SIGUSR1 first,
+#: What every process of the job gets at the first, second and later stop signal: SIGUSR1 first,
 #: which the launchers ignore and the ranks answer by checkpointing and exiting 85 (so no launcher
 #: kills its ranks mid-save); a second stop makes the launchers end their ranks; a third kills all.
 ESCALATION = (signal.SIGUSR1, signal.SIGTERM, signal.SIGKILL)
 
 
 def run_process_group(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
-    """Run ``command`` in a process group of its own and wait until every process of the job ended.
+    """Run ``command`` and wait until every process of the job it starts has ended.
 
-    A stop signal sent to this process is passed to every process of the job (the group, and the
-    descendants in sessions of their own: torchrun starts each rank in a new session) as
-    :data:`ESCALATION` says, and the exit code is then 85 ("requeue me"); otherwise it is the
-    command's own (a death by signal N as 128 + N). The launchers inherit SIGUSR1 as ignored: only
-    the training processes handle it. Signals are only taken over from the main thread.
+    The job stays in this process's group, so a signal to the whole group (a terminal's Ctrl-C, a
+    ``kill -9`` of the group) reaches it too; its processes are tracked as they appear, including
+    ranks in sessions of their own (torchrun starts each rank in a new session). A stop signal sent
+    to this process alone is passed to every process of the job as :data:`ESCALATION` says, and the
+    exit code is then 85 ("requeue me"); otherwise it is the command's own (a death by signal N as
+    128 + N). The launchers inherit SIGUSR1 as ignored: only the training processes handle it.
+    Signals are only taken over from the main thread.
     """
     signalled: list[int] = []
     job: dict[int, psutil.Process] = {}
@@ -37,16 +38,12 @@ def run_process_group(command: Sequence[str], env: Mapping[str, str] | None = No
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} if in_main else {}
     if in_main:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # inherited through exec by the launchers
-    child = subprocess.Popen(
-        list(command), env=dict(env) if env is not None else None, start_new_session=True
-    )
+    child = subprocess.Popen(list(command), env=dict(env) if env is not None else None)
 
     def forward(signum: int, frame: object) -> None:
         signalled.append(signum)
         sent = ESCALATION[min(len(signalled), len(ESCALATION)) - 1]
         job.update(_processes(process_tree(child.pid)))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, sent)
         for process in job.values():
             with contextlib.suppress(psutil.Error):
                 process.send_signal(sent)  # checks the PID still is the process seen, not a reuse
@@ -54,12 +51,15 @@ def run_process_group(command: Sequence[str], env: Mapping[str, str] | None = No
     try:
         for sig in previous:
             signal.signal(sig, forward)
-        code = child.wait()
-        while group_alive(child.pid) or any(_running(p) for p in job.values()):
+        while child.poll() is None:
+            job.update(_processes(process_tree(child.pid)))
+            time.sleep(0.2)
+        while any(_running(p) for p in job.values()):
             time.sleep(0.2)  # the launcher may end before its ranks do
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    code = child.returncode
     if signalled:
         return REQUEUE_EXIT_CODE
     return code if code >= 0 else 128 - code
@@ -78,15 +78,6 @@ def _running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of process group ``pgid`` still exists."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def process_tree(pid: int) -> list[int]:

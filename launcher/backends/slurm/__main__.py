@@ -7,10 +7,10 @@
     with the worker's own code.
 
 ``python -m launcher.backends.slurm deepspeed <DeepSpeed launcher command>``
-    DeepSpeed's per-node launcher as a child in its own process group. The launchers inherit
-    SIGUSR1 as ignored (only the training processes handle it, to checkpoint); SIGUSR1 and SIGTERM
-    sent here go to the whole group, and this process waits until every process of the group has
-    exited, so that no worker is killed by the end of the Slurm step while it saves.
+    DeepSpeed's per-node launcher as a child (``launcher.processes.run_process_group``). The
+    launchers inherit SIGUSR1 as ignored (only the training processes handle it, to checkpoint); a
+    stop signal sent here goes to every process of the job, and this process waits until all of them
+    have exited, so that no worker is killed by the end of the Slurm step while it saves.
 """
 
 from __future__ import annotations
