@@ -25,7 +25,7 @@ from launcher.backends.commands import (
     write_hostfile,
 )
 from launcher.backends.deepspeed import BACKEND
-from launcher.errors import BackendError, SpecError
+from launcher.errors import FlotillaError, SpecError
 from launcher.plan import build_plan, validate_job
 from launcher.plan.deepspeed import override_problems
 from tests.conftest import QUIET_ENV, REPO, flotilla
@@ -166,14 +166,14 @@ def test_launcher_commands_for_one_node_a_hostfile_and_slurm(tmp_path: Path) -> 
     assert '--master_port="${MASTER_PORT}"' in line and "--no_ssh" in line
 
     (tmp_path / "bad").write_text("gpu-a 4\n")
-    with pytest.raises(BackendError, match="expected 'hostname slots=N'"):
+    with pytest.raises(FlotillaError, match="expected 'hostname slots=N'"):
         read_hostfile(tmp_path / "bad")
 
 
 def test_several_nodes_need_a_hostfile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLOTILLA_HOSTFILE", raising=False)
     plan = plan_of(spec_with(nodes=2))
-    with pytest.raises(BackendError, match="needs a hostfile: set FLOTILLA_HOSTFILE"):
+    with pytest.raises(FlotillaError, match="needs a hostfile: set FLOTILLA_HOSTFILE"):
         BACKEND._start(plan, 1234)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import unavailable
 
-ROUNDS, LOCAL_STEPS, SITES = 5, 8, 3
+ROUNDS, LOCAL_STEPS, SITES = 4, 8, 3
 SECTIONS = ("libs", "python", "doc", "games")
 
 

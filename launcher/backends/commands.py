@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from launcher.errors import BackendError
+from launcher.errors import FlotillaError
 from launcher.plan import Plan
 
 #: The process every backend starts once per rank: ``python -m launcher.train <run dir>``.
@@ -72,14 +72,14 @@ def launcher_command(
         command += _local_devices(plan)
     elif rank_source in ("hostfile", "slurm"):
         if hostfile is None:
-            raise BackendError(f"rank source {rank_source!r} needs a hostfile")
+            raise FlotillaError(f"rank source {rank_source!r} needs a hostfile")
         command += [f"--hostfile={hostfile}", f"--num_nodes={plan.nodes}"]
         if rank_source == "hostfile":
             command += [f"--num_gpus={plan.processes_per_node}", "--launcher=pdsh"]
         else:
             command += ["--no_ssh", f"--node_rank={node_rank}"]
     else:
-        raise BackendError(f"unknown rank source {rank_source!r}; use local, hostfile or slurm")
+        raise FlotillaError(f"unknown rank source {rank_source!r}; use local, hostfile or slurm")
     command += [
         f"--master_addr={master_addr}",
         f"--master_port={master_port}",
@@ -97,7 +97,7 @@ def _local_devices(plan: Plan) -> list[str]:
     if plan.device == "cuda" and visible:
         count = len([d for d in visible.split(",") if d.strip()])
         if count != plan.processes_per_node:
-            raise BackendError(
+            raise FlotillaError(
                 f"CUDA_VISIBLE_DEVICES={visible} lists {count} GPUs but the plan has "
                 f"{plan.processes_per_node} processes per node; make them agree"
             )
@@ -122,7 +122,7 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise BackendError(f"cannot read the hostfile {path}: {exc}") from None
+        raise FlotillaError(f"cannot read the hostfile {path}: {exc}") from None
     hosts = []
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
@@ -130,10 +130,10 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
             continue
         match = re.fullmatch(r"(\S+)\s+slots=(\d+)", text)
         if not match:
-            raise BackendError(f"{path}, line {number}: expected 'hostname slots=N', got {line.strip()!r}")
+            raise FlotillaError(f"{path}, line {number}: expected 'hostname slots=N', got {line.strip()!r}")
         hosts.append((match.group(1), int(match.group(2))))
     if not hosts:
-        raise BackendError(f"{path} lists no hosts")
+        raise FlotillaError(f"{path} lists no hosts")
     return hosts
 
 

@@ -32,7 +32,7 @@ from launcher.backends.commands import (
     render_shell,
     torchrun_command,
 )
-from launcher.errors import REQUEUE_EXIT_CODE, BackendError, FlotillaError
+from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import run_process_group
 from launcher.rundir import run_state
@@ -90,18 +90,18 @@ class DeepSpeedBackend:
                 return _Start(torchrun_command(plan, port), "torchrun", "127.0.0.1")
             return _Start(launcher_command(plan, master_port=port), "the deepspeed launcher", "127.0.0.1")
         if launcher == "torchrun":
-            raise BackendError("resources.launcher: torchrun runs one node here; use deepspeed for several")
+            raise FlotillaError("resources.launcher: torchrun runs one node here; use deepspeed for several")
         if not hostfile:
-            raise BackendError(
+            raise FlotillaError(
                 f"resources.nodes={plan.nodes} needs a hostfile: set {HOSTFILE_ENV}=<file> with one "
                 "'hostname slots=N' line per node (or use the slurm backend)"
             )
         hosts = read_hostfile(Path(hostfile))
         if len(hosts) < plan.nodes:
-            raise BackendError(f"{hostfile} lists {len(hosts)} hosts; the plan needs {plan.nodes} nodes")
+            raise FlotillaError(f"{hostfile} lists {len(hosts)} hosts; the plan needs {plan.nodes} nodes")
         short = [h for h, slots in hosts[: plan.nodes] if slots < plan.processes_per_node]
         if short:
-            raise BackendError(f"{hostfile}: {short[0]} has fewer than {plan.processes_per_node} slots")
+            raise FlotillaError(f"{hostfile}: {short[0]} has fewer than {plan.processes_per_node} slots")
         master = hosts[0][0]
         command = launcher_command(
             plan, rank_source="hostfile", master_addr=master, master_port=port, hostfile=Path(hostfile)

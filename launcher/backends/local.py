@@ -9,7 +9,7 @@ from rich.console import Console
 
 from launcher.backends.base import RunHandle
 from launcher.backends.commands import free_port, torchrun_command
-from launcher.errors import REQUEUE_EXIT_CODE, BackendError
+from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import run_process_group
 from launcher.rundir import run_state
@@ -23,9 +23,9 @@ class LocalBackend:
     def launch(self, plan: Plan, console: Console, wait: bool = True) -> RunHandle:
         run_dir = Path(plan.run_dir)
         if plan.nodes > 1:
-            raise BackendError("the local backend runs on one node; use slurm or deepspeed for several")
+            raise FlotillaError("the local backend runs on one node; use slurm or deepspeed for several")
         if not wait:
-            raise BackendError(
+            raise FlotillaError(
                 "the local backend runs in the foreground: use flotilla run (or --backend deepspeed)"
             )
         if plan.world_size == 1:
@@ -48,7 +48,7 @@ class LocalBackend:
         return metrics.read_text() if metrics and metrics.is_file() else ""
 
     def cancel(self, job_id: str, run_dir: Path | None = None) -> None:
-        raise BackendError("local runs are stopped with Ctrl-C (or SIGTERM, which saves a checkpoint first)")
+        raise FlotillaError("local runs are stopped with Ctrl-C (or SIGTERM, which saves a checkpoint first)")
 
 
 BACKEND = LocalBackend()

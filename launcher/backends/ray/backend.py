@@ -79,7 +79,7 @@ class RayBackend:
 
     def _submit(self, plan: Plan, address: str, runtime_env: dict[str, Any]) -> RunHandle:
         if address == "local":
-            raise BackendError(
+            raise FlotillaError(
                 "flotilla submit --backend ray needs a running Ray cluster: set ray.address to its Jobs "
                 "API (http://head:8265), 'auto' or its host:port ('local' starts a private Ray only for "
                 "flotilla run)"
@@ -139,7 +139,7 @@ class RayBackend:
         try:
             state = client.get_job_status(job_id)
         except RuntimeError as exc:
-            raise BackendError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
+            raise FlotillaError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
         return JOB_STATES.get(str(state.value), "UNKNOWN")
 
     def logs(self, job_id: str, run_dir: Path | None = None, follow: bool = False) -> str:
@@ -154,7 +154,7 @@ class RayBackend:
             text = client.get_job_logs(job_id)
             info = client.get_job_info(job_id)
         except RuntimeError as exc:
-            raise BackendError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
+            raise FlotillaError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
         if info.message and JOB_STATES.get(str(info.status.value)) == "FAILED":
             text += f"\n[ray] {info.message}\n"
         return text
@@ -164,7 +164,7 @@ class RayBackend:
         try:
             stopped = client.stop_job(job_id)
         except RuntimeError as exc:
-            raise BackendError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
+            raise FlotillaError(f"Ray at {client.get_address()} has no job {job_id}: {exc}") from None
         if not stopped:
             raise FlotillaError(f"Ray job {job_id} had already ended ({self.status(job_id, run_dir)})")
 

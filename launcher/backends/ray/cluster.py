@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from launcher.backends.commands import free_port
-from launcher.errors import BackendError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import stop_processes
 from launcher.spec import ResourcesSpec
@@ -135,7 +135,7 @@ def connect(address: str, runtime_env: dict[str, Any] | None) -> None:
     except ConnectionError as exc:
         raise BackendError(f"no Ray cluster reachable at ray.address={address!r}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        raise BackendError(f"ray.runtime_env was refused: {exc}") from None
+        raise FlotillaError(f"ray.runtime_env was refused: {exc}") from None
 
 
 def check_resources(plan: Plan, address: str) -> None:
@@ -154,7 +154,7 @@ def check_resources(plan: Plan, address: str) -> None:
     if fits < workers:
         has_cpus = sum(node.get("CPU", 0) for node in nodes)
         has_gpus = sum(node.get("GPU", 0) for node in nodes)
-        raise BackendError(
+        raise FlotillaError(  # the job asks for more than the cluster has: fix the spec, not a fault
             f"resources.workers={workers} × (cpus_per_worker={cpus}, gpus_per_worker={gpus}) asks for "
             f"{workers * cpus} CPUs and {workers * gpus} GPUs; the Ray cluster at {address} has "
             f"{has_cpus:g} CPUs and {has_gpus:g} GPUs on {len(nodes)} node(s), room for {fits} such "
@@ -179,7 +179,7 @@ def check_runtime_env(runtime_env: dict[str, Any]) -> None:
     except RuntimeEnvSetupError as exc:
         causes = [line for line in str(exc).splitlines() if line.strip() and not line[0].isspace()]
         message = "\n".join(line for line in causes[-3:] if not line.startswith("Traceback"))
-        raise BackendError(f"ray.runtime_env could not be set up on the cluster:\n{message}") from None
+        raise FlotillaError(f"ray.runtime_env could not be set up on the cluster:\n{message}") from None
 
 
 def jobs_client(address: str | None) -> JobSubmissionClient:
@@ -208,5 +208,5 @@ def _host_port(address: str) -> tuple[str, int]:
     """Host and port of ``host:port`` or ``ray://host:port``."""
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     if not parts.hostname or parts.port is None:
-        raise BackendError(f"ray.address={address!r} needs a host and a port (e.g. 10.0.0.1:6379)")
+        raise FlotillaError(f"ray.address={address!r} needs a host and a port (e.g. 10.0.0.1:6379)")
     return parts.hostname, parts.port

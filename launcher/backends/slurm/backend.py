@@ -93,7 +93,7 @@ class SlurmBackend:
     def launch(self, plan: Plan, console: Console, wait: bool = True) -> RunHandle:
         run_dir = Path(plan.run_dir)
         if re.search(r"\s", str(run_dir)):
-            raise BackendError(f"the run directory {run_dir} contains whitespace, which sbatch cannot take")
+            raise FlotillaError(f"the run directory {run_dir} contains whitespace, which sbatch cannot take")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         script = run_dir / "job.sbatch"
         script.write_text(render_script(plan), encoding="utf-8")
@@ -147,7 +147,7 @@ class SlurmBackend:
     def _run_dir_of(self, job_id: str) -> Path:
         record = queue_record(job_id)
         if record is None or not record.get("work_dir"):
-            raise BackendError(f"Slurm no longer knows job {job_id}; pass its run directory instead")
+            raise FlotillaError(f"Slurm no longer knows job {job_id}; pass its run directory instead")
         return Path(record["work_dir"])
 
     def _wait(self, job_id: str, run_dir: Path, console: Console) -> str:
