@@ -220,7 +220,7 @@ def _run_round(
         raise FederationError(f"round {rnd}: the {fed.strategy.name} strategy returned no aggregate")
     row = {"sites": sites, "aggregated": dict(aggregated or MetricRecord())}
     new_arrays = from_record(merged)
-    if fed.peft.freeze_lora_a or fed.local.keep_local:  # bit-exact: a mean of equal tensors is
+    if fed.withholds:  # bit-exact: a mean of equal tensors is
         new_arrays = complete_from(new_arrays, arrays, fed.withheld)  # equal only up to rounding
     return new_arrays, row, {s["site"]: s.pop("payload") for s in sites if "payload" in s}
 
@@ -300,7 +300,7 @@ def screen(
         except (KeyError, TypeError, ValueError) as exc:
             rejections.append(Rejection(site, f"site {site!r}: malformed reply ({exc})"))
             continue
-        if fed.peft.freeze_lora_a or fed.local.keep_local:  # tensors sites keep: the server's stand
+        if fed.withholds:  # tensors sites keep: the server's stand
             arrays = complete_from(arrays, reference, fed.withheld)
             reply.content["arrays"] = to_record(arrays)
         updates.append(Update(site, arrays, examples))

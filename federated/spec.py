@@ -190,6 +190,11 @@ class FederationSpec(Section):
             return "uniform"
         return "examples" if self.privacy.secagg is not None else "capped"
 
+    @property
+    def withholds(self) -> bool:
+        """Whether sites keep any adapter tensors to themselves (FFA-LoRA, ``local.keep_local``)."""
+        return self.peft.freeze_lora_a or bool(self.local.keep_local)
+
     def withheld(self, key: str) -> bool:
         """Whether sites keep adapter tensor ``key`` (FFA-LoRA's A, ``local.keep_local``)."""
         return withheld(key, self.peft.freeze_lora_a, self.local.keep_local)
