@@ -23,33 +23,68 @@ DATA = "configs/data"
 #: name → (tokenizer, data spec): every format, the chat template and the template-free path,
 #: a mixture, explicit and ratio validation splits, truncation and dropping of overlong rows.
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
-    "instruction": ("smollm2-135m-instruct", {
-        "train": f"{DATA}/instructions.jsonl", "validation": f"{DATA}/instructions_val.jsonl",
-        "max_length": 64,
-    }),
-    "instruction-drop-overlong": ("smollm2-135m-instruct", {
-        "train": f"{DATA}/realistic_lengths.jsonl", "max_length": 96, "drop_overlong": True,
-    }),
-    "chat": ("smollm2-135m-instruct", {
-        "train": f"{DATA}/chat.jsonl", "format": "chat", "max_length": 384,
-    }),
-    "chat-no-template": ("minilm-l6", {
-        "train": f"{DATA}/chat.jsonl", "format": "chat", "max_length": 128,
-    }),
-    "text": ("smollm2-135m-instruct", {
-        "train": f"{DATA}/sentiment.jsonl", "format": "text", "max_length": 32, "dedup": False,
-    }),
-    "classification": ("minilm-l6", {
-        "train": f"{DATA}/sentiment.jsonl", "validation": f"{DATA}/sentiment_val.jsonl",
-        "format": "classification", "max_length": 24,
-    }),
-    "mixture": ("smollm2-135m-instruct", {
-        "train": [
-            {"path": f"{DATA}/mixture_math.jsonl", "weight": 3.0},
-            {"path": f"{DATA}/mixture_capitals.jsonl", "weight": 1.0},
-        ],
-        "validation_ratio": 0.2, "max_length": 128, "max_train_rows": 150,
-    }),
+    "instruction": (
+        "smollm2-135m-instruct",
+        {
+            "train": f"{DATA}/instructions.jsonl",
+            "validation": f"{DATA}/instructions_val.jsonl",
+            "max_length": 64,
+        },
+    ),
+    "instruction-drop-overlong": (
+        "smollm2-135m-instruct",
+        {
+            "train": f"{DATA}/realistic_lengths.jsonl",
+            "max_length": 96,
+            "drop_overlong": True,
+        },
+    ),
+    "chat": (
+        "smollm2-135m-instruct",
+        {
+            "train": f"{DATA}/chat.jsonl",
+            "format": "chat",
+            "max_length": 384,
+        },
+    ),
+    "chat-no-template": (
+        "minilm-l6",
+        {
+            "train": f"{DATA}/chat.jsonl",
+            "format": "chat",
+            "max_length": 128,
+        },
+    ),
+    "text": (
+        "smollm2-135m-instruct",
+        {
+            "train": f"{DATA}/sentiment.jsonl",
+            "format": "text",
+            "max_length": 32,
+            "dedup": False,
+        },
+    ),
+    "classification": (
+        "minilm-l6",
+        {
+            "train": f"{DATA}/sentiment.jsonl",
+            "validation": f"{DATA}/sentiment_val.jsonl",
+            "format": "classification",
+            "max_length": 24,
+        },
+    ),
+    "mixture": (
+        "smollm2-135m-instruct",
+        {
+            "train": [
+                {"path": f"{DATA}/mixture_math.jsonl", "weight": 3.0},
+                {"path": f"{DATA}/mixture_capitals.jsonl", "weight": 1.0},
+            ],
+            "validation_ratio": 0.2,
+            "max_length": 128,
+            "max_train_rows": 150,
+        },
+    ),
 }
 
 
@@ -68,11 +103,11 @@ def _split(dataset: Any) -> dict[str, Any] | None:
     }
 
 
-def snapshot(name: str, cache_dir: Path | None = None) -> dict[str, Any]:
+def snapshot(name: str) -> dict[str, Any]:
     """What the pipeline makes of case ``name``: per split row counts, digests and a first row,
     the labels and the data report (paths relative to the repository)."""
     tokenizer_name, data = CASES[name]
-    spec = DataSpec.model_validate({**data, **({"cache_dir": str(cache_dir)} if cache_dir else {})})
+    spec = DataSpec.model_validate(data)
     prepared = prepare_data(spec, load_tokenizer(ModelSpec(path=tokenizer_name)), seed=7)
     report = json.loads(json.dumps(prepared.report.to_dict()).replace(f"{REPO}/", ""))
     return {
