@@ -9,16 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from launcher.data import prepare_data
 from launcher.model import load_tokenizer
 from launcher.spec import DataSpec, ModelSpec
+from tests.conftest import DATA, REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "data_reference.json"
-DATA = "configs/data"
 
 #: name → (tokenizer, data spec): every format, the chat template and the template-free path,
 #: a mixture, explicit and ratio validation splits, truncation and dropping of overlong rows.
@@ -120,8 +118,5 @@ def snapshot(name: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import os
-
-    os.chdir(REPO)
     FIXTURE.write_text(json.dumps({name: snapshot(name) for name in CASES}, indent=1) + "\n")
     sys.stdout.write(f"wrote {FIXTURE}\n")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.data_reference import CASES, FIXTURE, REPO, snapshot
+from tests.data_reference import CASES, FIXTURE, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,5 @@ def reference() -> dict[str, object]:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_pipeline_output_equals_the_reference(
-    name: str, reference: dict[str, object], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(REPO)
+def test_pipeline_output_equals_the_reference(name: str, reference: dict[str, object]) -> None:
     assert snapshot(name) == reference[name]
