@@ -1,4 +1,4 @@
-"""``flotilla``: validate | plan | run | submit | status | logs | cancel | eval | report.
+"""``flotilla``: validate | preprocess | plan | run | submit | status | logs | cancel | eval | report.
 
 Thin: parses arguments, calls the layers below, prints. Bad input ends with a message, never a traceback.
 """
@@ -61,6 +61,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in guardrail_warnings(spec):
         console.print("[yellow]warning:[/]", escape(warning))
     out.print(f"[green]ok[/] {args.spec}: job {spec.name!r}, backend {spec.resources.backend}")
+    return 0
+
+
+@command("preprocess")
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Prepare (tokenize and cache) a job's data and print its report, without training."""
+    from launcher.data import cache_root, prepare_data  # datasets: only for this command
+    from launcher.model import load_tokenizer  # transformers: only for this command
+
+    spec = load_job(Path(args.spec), args.overrides)
+    root = cache_root(spec.data, Path(spec.output.dir).resolve())
+    data = prepare_data(spec.data, load_tokenizer(spec.model), spec.seed, root, console=console.print)
+    for line in data.report.summary_lines():
+        out.print(f"data: {escape(line)}", soft_wrap=True)
+    for warning in data.report.warnings():
+        console.print("[yellow]data warning:[/]", escape(warning))
+    out.print(f"prepared data: {data.cache_folder}", soft_wrap=True)
     return 0
 
 
@@ -271,7 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flotilla", description="Fine-tuning jobs from one YAML spec.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, text in (("validate", "check a job spec"), ("plan", "print the resolved plan")):
+    for name, text in (
+        ("validate", "check a job spec"),
+        ("preprocess", "tokenize and cache a job's data, print its report"),
+        ("plan", "print the resolved plan"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("spec")
         p.add_argument("overrides", nargs="*", help="key.path=value")

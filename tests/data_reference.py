@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from launcher.data import prepare_data
@@ -101,12 +103,12 @@ def _split(dataset: Any) -> dict[str, Any] | None:
     }
 
 
-def snapshot(name: str) -> dict[str, Any]:
-    """What the pipeline makes of case ``name``: per split row counts, digests and a first row,
-    the labels and the data report (paths relative to the repository)."""
+def snapshot(name: str, cache_root: Path, **keys: Any) -> dict[str, Any]:
+    """What the pipeline makes of case ``name`` (``keys`` added to its data spec): per split row
+    counts, digests and a first row, the labels and the data report (paths relative to the repository)."""
     tokenizer_name, data = CASES[name]
-    spec = DataSpec.model_validate(data)
-    prepared = prepare_data(spec, load_tokenizer(ModelSpec(path=tokenizer_name)), seed=7)
+    spec = DataSpec.model_validate({**data, **keys})
+    prepared = prepare_data(spec, load_tokenizer(ModelSpec(path=tokenizer_name)), 7, cache_root)
     report = json.loads(json.dumps(prepared.report.to_dict()).replace(f"{REPO}/", ""))
     return {
         "train": _split(prepared.train),
@@ -118,5 +120,6 @@ def snapshot(name: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    FIXTURE.write_text(json.dumps({name: snapshot(name) for name in CASES}, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as cache:
+        FIXTURE.write_text(json.dumps({name: snapshot(name, Path(cache)) for name in CASES}, indent=1) + "\n")
     sys.stdout.write(f"wrote {FIXTURE}\n")

@@ -9,7 +9,7 @@ import pytest
 
 from launcher.data.encode import IGNORE_INDEX, encode_row
 from launcher.data.prepare import prepare_data
-from launcher.data.read import read_source
+from launcher.data.read import SourceReader
 from launcher.errors import DataError
 from launcher.model.load import load_tokenizer
 from launcher.spec.models import DataSpec, FieldMap, ModelSpec
@@ -32,10 +32,11 @@ def tokenizer():
 def test_bad_rows_name_file_and_line(name: str, line: int, needle: str) -> None:
     path = str(DATA / "bad" / name)
     with pytest.raises(DataError) as caught:
-        read_source(path, "instruction", FieldMap(), "error")
+        list(SourceReader(path, "instruction", FieldMap(), "error"))
     assert f"{path}:{line}: {needle}" in str(caught.value)
-    skipped = read_source(path, "instruction", FieldMap(), "skip")
-    assert len(skipped.bad_rows) == 1 and len(skipped.rows) == 4
+    skipped = SourceReader(path, "instruction", FieldMap(), "skip")
+    assert len(list(skipped)) == 4 and skipped.bad_rows == 1
+    assert skipped.bad_row_examples[0].startswith(f"{path}:{line}: {needle}")
 
 
 def test_report_counts_duplicates_empty_rows_and_leakage(tmp_path: Path, tokenizer) -> None:
@@ -46,18 +47,18 @@ def test_report_counts_duplicates_empty_rows_and_leakage(tmp_path: Path, tokeniz
     validation = tmp_path / "val.jsonl"
     validation.write_text("\n".join(json.dumps(r) for r in [rows[2], {"prompt": "new", "response": "x"}]))
     spec = DataSpec(train=[{"path": str(train)}], validation=[{"path": str(validation)}])
-    report = prepare_data(spec, tokenizer, seed=0).report
+    report = prepare_data(spec, tokenizer, 0, tmp_path).report
     assert report.sources[0].duplicates_removed == 2
     assert report.sources[0].empty_rows == 1
     assert report.leaked_rows == 1 and report.train_rows == 10 and report.validation_rows == 2
     assert set(report.token_length_percentiles) == {"p50", "p90", "p99", "max"}
 
 
-def test_validation_split_from_ratio_and_label_balance(tokenizer) -> None:
+def test_validation_split_from_ratio_and_label_balance(tokenizer, tmp_path: Path) -> None:
     spec = DataSpec(
         train=[{"path": str(DATA / "sentiment.jsonl")}], format="classification", validation_ratio=0.25
     )
-    data = prepare_data(spec, tokenizer, seed=0)
+    data = prepare_data(spec, tokenizer, 0, tmp_path)
     assert data.labels == ["negative", "positive"]
     assert len(data.validation) == 120 and len(data.train) == 360
     assert sum(data.report.label_balance.values()) == 360
@@ -85,7 +86,7 @@ def test_instruction_rows_learn_the_response_only(tokenizer) -> None:
     assert learned.startswith("Answer: hi.") and "Say hi" not in learned
 
 
-def test_mixture_weights_shape_the_training_set(tokenizer) -> None:
+def test_mixture_weights_shape_the_training_set(tokenizer, tmp_path: Path) -> None:
     spec = DataSpec(
         train=[
             {"path": str(DATA / "mixture_math.jsonl"), "weight": 3.0},
@@ -93,5 +94,9 @@ def test_mixture_weights_shape_the_training_set(tokenizer) -> None:
         ],
         validation_ratio=0.0,
     )
-    data = prepare_data(spec, tokenizer, seed=0)
-    assert len(data.train) > 200  # the smaller-weight source is oversampled until all are exhausted
+    data = prepare_data(spec, tokenizer, 0, tmp_path)
+    texts = tokenizer.batch_decode(list(data.train["input_ids"]))
+    capitals = [t for t in texts if "capital" in t]
+    assert 0.65 < 1 - len(capitals) / len(texts) < 0.85, "3:1 weights draw about 3 math rows per capital"
+    assert len(set(capitals)) == 100, "all_exhausted: every row of the smaller-weight source is drawn"
+    assert len(texts) > len(set(texts)), "the larger-weight source is drawn again once it is exhausted"

@@ -7,6 +7,7 @@ a rewrite of the pipeline (batched, cached, parallel) must keep every case equal
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,5 +20,15 @@ def reference() -> dict[str, object]:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_pipeline_output_equals_the_reference(name: str, reference: dict[str, object]) -> None:
-    assert snapshot(name) == reference[name]
+def test_pipeline_output_equals_the_reference(
+    name: str, reference: dict[str, object], tmp_path: Path
+) -> None:
+    assert snapshot(name, tmp_path) == reference[name]
+    assert snapshot(name, tmp_path) == reference[name], "read back from the cache"
+
+
+@pytest.mark.parametrize("name", ["chat", "instruction-drop-overlong", "classification"])
+def test_two_tokenizing_processes_make_the_same_rows(
+    name: str, reference: dict[str, object], tmp_path: Path
+) -> None:
+    assert snapshot(name, tmp_path, num_proc=2) == reference[name]

@@ -65,6 +65,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
     resumed = flotilla("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"checkpoint-{saved}" in resumed.stdout + resumed.stderr  # it said where it resumed from
+    assert "data: reused in" in resumed.stderr, "the resumed run reads the prepared data, never re-tokenizes"
     after_resume = [step for step, _ in loss_log(run_dir)[logged_before:]]
     assert after_resume == list(range(saved + 1, 9)), "the resumed run starts after its last checkpoint"
     resumed_losses = losses(run_dir)

@@ -27,43 +27,65 @@ def encode_row(
     label_ids: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Token ids and labels for one row; ``full_length`` is the length before truncation."""
-    if "label" in row:
-        ids = tokenizer(row["text"], truncation=False)["input_ids"]
-        return {
-            "input_ids": ids[:max_length],
-            "labels": (label_ids or {})[row["label"]],
-            "full_length": len(ids),
-        }
-    if "messages" in row:
-        ids, labels = _encode_chat(row["messages"], tokenizer)
-    elif "prompt" in row:
-        ids, labels = _encode_chat(
-            [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}],
-            tokenizer,
-        )
-    else:
-        ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"]
+    batch = encode_batch({key: [value] for key, value in row.items()}, tokenizer, max_length, label_ids)
+    return {key: batch[key][0] for key in ("input_ids", "labels", "full_length")}
+
+
+def encode_batch(
+    batch: dict[str, list[Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label_ids: dict[str, int] | None = None,
+) -> dict[str, list[Any]]:
+    """``encode_row`` over a column batch (as ``Dataset.map(batched=True)`` hands it), tokenized in
+    one call; adds ``length`` and the ``overlong``/``no_target`` flags the checks count."""
+    if "label" in batch:
+        full = tokenizer(batch["text"], truncation=False)["input_ids"]
+        labels: list[Any] = [(label_ids or {})[name] for name in batch["label"]]
+    elif "text" in batch:
+        full = tokenizer(batch["text"], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
-            ids = [*ids, tokenizer.eos_token_id]
-        labels = list(ids)
-    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "full_length": len(ids)}
+            full = [[*ids, tokenizer.eos_token_id] for ids in full]
+        labels = [list(ids) for ids in full]
+    else:
+        conversations = batch.get("messages") or [
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            for prompt, response in zip(batch["prompt"], batch["response"], strict=True)
+        ]
+        full, labels = _encode_chats(conversations, tokenizer)
+    ids = [row[:max_length] for row in full]
+    if labels and isinstance(labels[0], list):
+        labels = [row[:max_length] for row in labels]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "full_length": [len(row) for row in full],
+        "length": [len(row) for row in ids],
+        "overlong": [len(row) > max_length for row in full],
+        "no_target": [isinstance(row, list) and all(t == IGNORE_INDEX for t in row) for row in labels],
+    }
 
 
-def _encode_chat(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    """Render with the chat template; only assistant turns carry a loss."""
+def _encode_chats(
+    conversations: list[list[dict[str, str]]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Render each conversation with the chat template; only assistant turns carry a loss."""
     if not tokenizer.chat_template:
-        return _encode_plain_chat(messages, tokenizer)
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = encoded["input_ids"]
-    spans = _assistant_spans(messages, tokenizer, text)
+        pairs = [_encode_plain_chat(messages, tokenizer) for messages in conversations]
+        return [ids for ids, _ in pairs], [labels for _, labels in pairs]
+    texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+    spans = [_assistant_spans(m, tokenizer, text) for m, text in zip(conversations, texts, strict=True)]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"], strict=True)
+        [
+            token if any(start <= begin < end for start, end in row_spans) else IGNORE_INDEX
+            for token, (begin, _) in zip(ids, offsets, strict=True)
+        ]
+        for ids, offsets, row_spans in zip(
+            encoded["input_ids"], encoded["offset_mapping"], spans, strict=True
+        )
     ]
-    return ids, labels
+    return encoded["input_ids"], labels
 
 
 def _assistant_spans(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,40 +14,53 @@ from launcher.spec import DataFormat, FieldMap
 ROLES = {"system", "user", "assistant"}
 
 
+#: Bad-row messages kept for the report (every bad row is counted).
+BAD_ROW_EXAMPLES = 5
+
+
 @dataclass
-class LoadedRows:
-    """Rows of one source, normalised to the format's canonical keys, plus what was skipped."""
+class SourceReader:
+    """Iterate the rows of one source, normalised to the format's canonical keys, one at a time.
 
-    source: str
-    rows: list[dict[str, Any]]
-    bad_rows: list[str] = field(default_factory=list)
+    A bad row raises a DataError naming its file and line, or (``on_bad_rows: skip``) is counted;
+    rows are never all held in memory, so a large file streams.
+    """
+
+    path: str
+    fmt: DataFormat
+    fields: FieldMap
+    on_bad_rows: str
+    split: str = "train"
+    rows_read: int = 0
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        usable = 0
+        for line, row in _read_raw(self.path, self.split):
+            self.rows_read += 1
+            try:
+                if isinstance(row, Exception):
+                    raise ValueError(f"invalid JSON ({row})")
+                normalised = normalise_row(row, self.fmt, self.fields)
+            except ValueError as exc:
+                self._bad(f"{self.path}:{line}: {exc}")
+                continue
+            usable += 1
+            yield normalised
+        if not usable:
+            raise DataError(f"{self.path}: no usable rows ({self.bad_rows} bad)")
+
+    def _bad(self, message: str) -> None:
+        if self.on_bad_rows == "error":
+            raise DataError(f"{message}\n(set data.on_bad_rows: skip to skip and count such rows)")
+        self.bad_rows += 1
+        if len(self.bad_row_examples) < BAD_ROW_EXAMPLES:
+            self.bad_row_examples.append(message)
 
 
-def read_source(
-    path: str, fmt: DataFormat, fields: FieldMap, on_bad_rows: str, split: str = "train"
-) -> LoadedRows:
-    """Read ``path`` and return rows with keys prompt/response, text, label or messages."""
-    raw_rows = _read_raw(path, split)
-    loaded = LoadedRows(source=path, rows=[])
-    for line, row in raw_rows:
-        try:
-            if isinstance(row, Exception):
-                raise ValueError(f"invalid JSON ({row})")
-            loaded.rows.append(normalise_row(row, fmt, fields))
-        except ValueError as exc:
-            message = f"{path}:{line}: {exc}"
-            if on_bad_rows == "error":
-                raise DataError(
-                    f"{message}\n(set data.on_bad_rows: skip to skip and count such rows)"
-                ) from None
-            loaded.bad_rows.append(message)
-    if not loaded.rows:
-        raise DataError(f"{path}: no usable rows ({len(loaded.bad_rows)} bad)")
-    return loaded
-
-
-def _read_raw(path: str, split: str) -> list[tuple[int, dict[str, Any] | Exception]]:
-    """(line number, row or parse error) for every row of the file."""
+def _read_raw(path: str, split: str) -> Iterator[tuple[int, Any]]:
+    """(line number, row or parse error) for every row of the file, streamed."""
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix in {".jsonl", ".json", ".csv", ".parquet", ".pq"} and not file.is_file():
@@ -54,50 +68,64 @@ def _read_raw(path: str, split: str) -> list[tuple[int, dict[str, Any] | Excepti
     if suffix in {".jsonl", ".json"}:
         return _read_jsonl(file)
     if suffix == ".csv":
-        return [(index + 2, row) for index, row in enumerate(_load_with_datasets("csv", path))]
+        return _numbered(_load_with_datasets("csv", path), first=2)
     if suffix in {".parquet", ".pq"}:
-        return [(index + 1, row) for index, row in enumerate(_load_with_datasets("parquet", path))]
+        return _numbered(_load_with_datasets("parquet", path), first=1)
     if file.exists():
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .csv or .parquet")
-    return [(index + 1, row) for index, row in enumerate(_load_hub(path, split))]
+    return _numbered(_load_hub(path, split), first=1)
 
 
-def _read_jsonl(file: Path) -> list[tuple[int, dict[str, Any] | Exception]]:
-    rows: list[tuple[int, dict[str, Any] | Exception]] = []
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{file}: not UTF-8 text ({exc})") from None
-    if file.suffix.lower() == ".json" and text.lstrip().startswith("["):
+def _numbered(rows: Iterable[dict[str, Any]], first: int) -> Iterator[tuple[int, Any]]:
+    for index, row in enumerate(rows):
+        yield index + first, row
+
+
+def _read_jsonl(file: Path) -> Iterator[tuple[int, Any]]:
+    """Line by line (a JSON array file is parsed whole): memory follows one line, not the file."""
+    if file.suffix.lower() == ".json" and _starts_with_bracket(file):
         try:
-            items = json.loads(text)
+            items = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{file}: not UTF-8 text ({exc})") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        return [(index + 1, item) for index, item in enumerate(items)]
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            rows.append((number, ValueError(exc.msg)))
-    return rows
+        yield from _numbered(items, first=1)
+        return
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}:{number}: not UTF-8 text ({exc})") from None
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, ValueError(exc.msg)
 
 
-def _load_with_datasets(kind: str, path: str) -> list[dict[str, Any]]:
+def _starts_with_bracket(file: Path) -> bool:
+    with file.open("rb") as handle:
+        return handle.read(4096).lstrip().startswith(b"[")
+
+
+def _load_with_datasets(kind: str, path: str) -> Iterable[dict[str, Any]]:
+    """The file through datasets' own loader: Arrow on disk, memory-mapped, iterated row by row."""
     import datasets
 
     try:
-        return list(datasets.load_dataset(kind, data_files=path, split="train"))
+        return datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as exc:  # datasets raises many types for malformed files
         raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
 
 
-def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _load_hub(name: str, split: str) -> Iterable[dict[str, Any]]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(name, split=split))
+        return datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown name, bad split
         raise DataError(f"{name}: not a local file, and loading it as a hub dataset failed: {exc}") from None
 

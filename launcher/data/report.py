@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,6 +40,12 @@ class DataReport:
         """A JSON-ready dict."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> DataReport:
+        """The report ``to_dict`` wrote."""
+        sources = [SourceReport(**source) for source in payload["sources"]]
+        return cls(**{**payload, "sources": sources})
+
     def warnings(self) -> list[str]:
         """Findings that deserve the user's attention."""
         found = []
@@ -55,11 +62,15 @@ class DataReport:
                 found.append(f"{source.path}: skipped {source.bad_rows} bad rows")
         return found
 
+    def _percentiles(self) -> list[int]:
+        found = self.token_length_percentiles
+        return [found[key] for key in ("p50", "p90", "p99", "max") if key in found]
+
     def summary_lines(self) -> list[str]:
         """A few lines for the console."""
         lines = [
             f"train rows {self.train_rows}, validation rows {self.validation_rows}, "
-            f"token length p50/p90/p99/max {'/'.join(str(v) for v in self.token_length_percentiles.values())}"
+            f"token length p50/p90/p99/max {'/'.join(str(v) for v in self._percentiles())}"
         ]
         for source in self.sources:
             lines.append(
@@ -75,7 +86,7 @@ class DataReport:
         return lines
 
 
-def length_percentiles(lengths: list[int]) -> dict[str, int]:
+def length_percentiles(lengths: Sequence[int] | np.ndarray) -> dict[str, int]:
     """p50, p90, p99 and max of token lengths."""
     values = np.asarray(lengths)
     return {

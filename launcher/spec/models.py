@@ -83,6 +83,11 @@ class DataSpec(Section):
     #: Classification: every label name, in the order the model's outputs use (default: the names
     #: found in the data, sorted). Declared, a split may lack a label (a site of a label-skewed federation).
     labels: list[str] | None = None
+    #: Where prepared (tokenized) data is cached; default ``$FLOTILLA_CACHE/data`` or
+    #: ``<output.dir>/.flotilla-cache/data``. Shared storage lets one process prepare for every node.
+    cache_dir: str | None = None
+    #: Tokenizing processes (default: one per core, at most 8, from 20,000 rows).
+    num_proc: PositiveInt | None = None
 
     @model_validator(mode="before")
     @classmethod

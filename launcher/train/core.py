@@ -25,7 +25,7 @@ from transformers import (
 from transformers.trainer_callback import ProgressCallback
 
 from launcher.atomic import write_json_atomic
-from launcher.data import PreparedData, prepare_data
+from launcher.data import PreparedData, cache_root, prepare_data
 from launcher.errors import SpecError
 from launcher.model import (
     apply_peft,
@@ -93,7 +93,8 @@ def run_training(
 
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.model)
-    data = prepare_data(spec.data, tokenizer, spec.seed)
+    output_dir = run_dir.resolve().parent.parent  # run dirs are <output.dir>/<name>/<timestamp>
+    data = prepare_data(spec.data, tokenizer, spec.seed, cache_root(spec.data, output_dir), console=say)
     if rank == 0:
         _write_data_report(run_dir, data, say)
         write_manifest(run_dir, spec.seed, data.fingerprints, {"world_size": plan.world_size})

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from launcher.data import prepare_data
+from launcher.data import cache_root, prepare_data
 from launcher.errors import FlotillaError
 from launcher.model import load_model, load_tokenizer
 from launcher.plan import reopen_run
@@ -67,7 +67,7 @@ def evaluate_target(
         max_length=spec.data.max_length,
         on_bad_rows=spec.data.on_bad_rows,
     )
-    data = prepare_data(data_spec, tokenizer, spec.seed, labels)
+    data = prepare_data(data_spec, tokenizer, spec.seed, cache_root(data_spec, artifact.parent), labels)
     model = load_trained(spec, artifact, data.labels)
     classifier = spec.model.task == "sequence_classification"
     trainer = FlotillaTrainer(
