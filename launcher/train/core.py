@@ -107,7 +107,9 @@ def run_training(
     for callback in extra_callbacks or []:
         trainer.add_callback(callback)
     trainer.loss_terms = list(loss_terms or [])
-    checkpoint = latest_verified_checkpoint(run_dir / "checkpoints")
+    checkpoint = latest_verified_checkpoint(
+        run_dir / "checkpoints", trainer.args.process_index, trainer.args.world_size, trainer.gather
+    )
     resuming = checkpoint is not None
     early = EvaluateAtTrainBegin(lambda: _before_metrics(trainer, data, spec, run_dir, rank, resuming))
     with signal_callback.installed():

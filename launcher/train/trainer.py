@@ -16,7 +16,7 @@ from transformers import (
     Trainer,
 )
 
-from launcher.train.checkpoint import rotate_checkpoints, seal_checkpoint
+from launcher.train.checkpoint import hash_share, rotate_checkpoints, seal_checkpoint
 from launcher.train.metrics import perplexity
 
 BOOKKEEPING_COLUMNS = ("full_length", "length")
@@ -76,9 +76,13 @@ class FlotillaTrainer(Trainer):
         finally:
             self._staging_root = None
         self._barrier()
+        # Every rank hashes its share of the written files; rank 0 seals from all the shares.
+        shares = self.gather(hash_share(staging_root / name, self.args.process_index, self.args.world_size))
         best = self._published_best()
         if self.args.should_save:
-            seal_checkpoint(staging_root / name, root / name, step)
+            seal_checkpoint(
+                staging_root / name, root / name, step, {k: v for h in shares for k, v in h.items()}
+            )
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(root, self.keep_checkpoints, also=Path(best) if best else None)
         self._barrier()
@@ -99,6 +103,14 @@ class FlotillaTrainer(Trainer):
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order (one process: its own)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return [value]
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def evaluation_loop(
         self,
