@@ -101,7 +101,7 @@ def measure(data_spec: dict[str, Any], cache: Path | None, tree: Path) -> dict[s
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     argument = json.dumps([data_spec, str(cache) if cache else None, cache is None])
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, argument], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, argument], cwd=tree, env=env, capture_output=True, text=True, check=False
     )
     if done.returncode != 0:
         raise SystemExit(f"measurement failed:\n{done.stderr[-3000:]}")
@@ -133,9 +133,10 @@ def main() -> None:
                     "validation_ratio": 0.01,
                 }
                 sides: dict[str, dict[str, Any]] = {}
-                if rows <= args.skip_reference_above:
+                compared = rows <= args.compare_up_to
+                if compared:
                     sides["reference"] = measure(data_spec, None, old)
-                for workers in sorted({1, args.workers}):
+                for workers in sorted({1, args.workers}) if compared else [args.workers]:
                     cache = work / f"cache-{fmt}-{rows}-{workers}"
                     sides[f"prepare_{workers}proc"] = measure({**data_spec, "num_proc": workers}, cache, REPO)
                     if workers == args.workers:
