@@ -101,7 +101,12 @@ def measure(data_spec: dict[str, Any], cache: Path | None, tree: Path) -> dict[s
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     argument = json.dumps([data_spec, str(cache) if cache else None, cache is None])
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, argument], cwd=tree, env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", CHILD, argument],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise SystemExit(f"measurement failed:\n{done.stderr[-3000:]}")
@@ -116,7 +121,10 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["instruction", "chat"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--skip-reference-above", type=int, default=200_000, help="rows; the reference is slow"
+        "--compare-up-to",
+        type=int,
+        default=200_000,
+        help="rows; above this only the pipeline with --workers runs (the reference needs ~15 min per 1M rows)",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
