@@ -5,7 +5,10 @@
 Rows of realistic lengths are generated from the shipped ``realistic_lengths.jsonl`` (instruction:
 each row once per copy, numbered so dedup keeps it; chat: two of them as a four-turn conversation
 with a system prompt). Every measurement is a fresh process that loads the tokenizer (SmolLM2's, not
-timed) and then times ``prepare_data`` and records its peak RSS. The reference is the row-by-row
+timed) and then times ``prepare_data``. Memory is the peak anonymous PSS of the process and its
+tokenizing workers (sampled every 50 ms from /proc/PID/smaps_rollup; PSS shares the pages a forked
+worker has in common with its parent): memory-mapped Arrow pages are file-backed and reclaimable, so
+they are left out (``maxrss_mib``, which counts them, is kept too). The reference is the row-by-row
 implementation exactly as it was at ``REFERENCE_COMMIT``, extracted from git (not copied), so both
 sides run on the same data, tokenizer, seed and threads. Sides, per format and size:
 
@@ -35,24 +38,49 @@ SOURCE = REPO / "configs" / "data" / "realistic_lengths.jsonl"
 
 #: Run in a fresh interpreter: prepare once, print seconds and peak RSS as JSON.
 CHILD = """
-import json, resource, sys, time
+import json, resource, sys, threading, time
 from pathlib import Path
+import psutil
 from launcher.data import prepare_data
 from launcher.model import load_tokenizer
 from launcher.spec import DataSpec, ModelSpec
+
+def anonymous_mib(process):
+    with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+def sample(peak, done):
+    me = psutil.Process()
+    while not done.is_set():
+        total = 0.0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += anonymous_mib(process)
+            except OSError:
+                pass
+        peak[0] = max(peak[0], total)
+        done.wait(0.05)
+
 data_spec, cache, reference = json.loads(sys.argv[1])
 tokenizer = load_tokenizer(ModelSpec(path="smollm2-135m-instruct"))
 spec = DataSpec.model_validate(data_spec)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = anonymous_mib(psutil.Process())
+peak, done = [before], threading.Event()
+sampler = threading.Thread(target=sample, args=(peak, done), daemon=True)
+sampler.start()
 started = time.perf_counter()
 data = prepare_data(spec, tokenizer, 7) if reference else prepare_data(spec, tokenizer, 7, Path(cache))
 seconds = time.perf_counter() - started
+done.set()
+sampler.join()
 rows = len(data.train) + (len(data.validation) if data.validation is not None else 0)
 print(json.dumps({
     "seconds": seconds, "rows": rows,
-    "rss_before_mib": before / 1024,
-    "rss_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "workers_rss_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    "anon_before_mib": before, "anon_peak_mib": peak[0], "anon_step_mib": peak[0] - before,
+    "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -77,15 +78,28 @@ def _encode_chats(
     spans = [_assistant_spans(m, tokenizer, text) for m, text in zip(conversations, texts, strict=True)]
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
-        [
-            token if any(start <= begin < end for start, end in row_spans) else IGNORE_INDEX
-            for token, (begin, _) in zip(ids, offsets, strict=True)
-        ]
+        _mask_outside(ids, [begin for begin, _ in offsets], row_spans)
         for ids, offsets, row_spans in zip(
             encoded["input_ids"], encoded["offset_mapping"], spans, strict=True
         )
     ]
     return encoded["input_ids"], labels
+
+
+def _mask_outside(ids: list[int], begins: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """``ids`` where a token starts inside one of the character ``spans``, else IGNORE_INDEX.
+
+    Token start offsets ascend, so each span is one slice found by bisection (not a test per token
+    and span); offsets out of order fall back to the test per token."""
+    if begins != sorted(begins):
+        return [
+            t if any(s <= b < e for s, e in spans) else IGNORE_INDEX for t, b in zip(ids, begins, strict=True)
+        ]
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        first, stop = bisect_left(begins, start), bisect_left(begins, end)
+        labels[first:stop] = ids[first:stop]
+    return labels
 
 
 def _assistant_spans(
