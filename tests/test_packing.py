@@ -1,20 +1,25 @@
-"""Padding-free packing must change speed, not the loss: packed and padded batches agree."""
+"""Padding-free packing must change speed, not the loss: packed and padded batches agree, on the
+model exactly as the train core builds it (its builder sets what packing depends on)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher.data.encode import encode_row
+from launcher.model.load import load_tokenizer
+from launcher.spec import JobSpec
+from launcher.train.core import build_model
 from launcher.train.trainer import BatchCollator
+from tests.conftest import tiny_job
 
 
-def test_packed_batch_loss_equals_padded_batch_loss(tiny_llama: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
-    model.config.use_cache = False  # as the train core sets it: packed rows are detected only without a cache
+def test_packed_batch_loss_equals_padded_batch_loss(tiny_llama: Path, tmp_path: Path) -> None:
+    spec = JobSpec.model_validate(tiny_job(tiny_llama, tmp_path, data={"packing": True}))
+    tokenizer = load_tokenizer(spec.model)
+    model, _ = build_model(spec, None, tokenizer)
+    model.eval()
     rows = [
         {"prompt": "Add 2 and 3.", "response": "Answer: 5. Reason: 2 + 3 = 5."},
         {"prompt": "What is the capital of Peru? Answer in one word, please.", "response": "Answer: Lima."},
