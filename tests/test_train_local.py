@@ -128,6 +128,7 @@ def test_early_stopping_saves_the_best_checkpoints_weights_not_the_last(
     )
     result = flotilla("run", str(spec))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "early stopping is disabled" not in result.stderr, "a misleading warning: it is enabled"
     run_dir = only_run_dir(tmp_path / "runs")
     evaluations = {
         r["step"]: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r

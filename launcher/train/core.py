@@ -271,7 +271,14 @@ def evaluate_all(trainer: FlotillaTrainer, data: PreparedData, spec: JobSpec) ->
                 trainer.model, trainer.processing_class, data.validation, spec.eval.generate_max_new_tokens
             )
             metrics.update({f"eval_{k}": v for k, v in scores.items()})
-    metrics.update(trainer.evaluate(data.train_probe, metric_key_prefix="train"))
+    # Early stopping judges validation metrics only: shown train_* metrics it would warn that its
+    # eval_* metric is missing and that early stopping is disabled (it is not).
+    stopping = trainer.pop_callback(EarlyStoppingCallback)
+    try:
+        metrics.update(trainer.evaluate(data.train_probe, metric_key_prefix="train"))
+    finally:
+        if stopping is not None:
+            trainer.add_callback(stopping)
     return {k: float(v) for k, v in metrics.items() if is_task_metric(k, v)}
 
 
