@@ -49,10 +49,14 @@ def encode_batch(
             full = [[*ids, tokenizer.eos_token_id] for ids in full]
         labels = [list(ids) for ids in full]
     else:
-        conversations = batch.get("messages") or [
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            for prompt, response in zip(batch["prompt"], batch["response"], strict=True)
-        ]
+        conversations = (
+            batch["messages"]
+            if "messages" in batch
+            else [
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                for prompt, response in zip(batch["prompt"], batch["response"], strict=True)
+            ]
+        )
         full, labels = _encode_chats(conversations, tokenizer)
     ids = [row[:max_length] for row in full]
     if labels and isinstance(labels[0], list):

@@ -84,7 +84,7 @@ def prepare_data(
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No per-step progress bars from datasets on the job's console (the data step reports once)."""
-    was_enabled = datasets.utils.are_progress_bars_disabled() is False
+    was_enabled = not datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
         yield
@@ -168,7 +168,6 @@ def _build(
     train.save_to_disk(str(stage / "train"))
     if validation is not None:
         validation.save_to_disk(str(stage / "validation"))
-    del train, validation, train_parts, validation_parts
     shutil.rmtree(scratch)
     meta = {"labels": labels, "report": report.to_dict(), "fingerprints": fingerprints}
     write_json_atomic(stage / DONE, {**meta, "validation": report.validation_rows > 0})
