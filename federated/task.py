@@ -28,6 +28,7 @@ from federated.strategy import Update, lora_pairs, lora_product_average
 from launcher.backends import get_backend
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan, build_plan, load_job
+from launcher.redact import redact
 from launcher.spec import JobSpec
 from launcher.train import run_training
 
@@ -104,7 +105,7 @@ def train_local_round(
     )
 
     plan = build_plan(spec, run_dir)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
     (run_dir / "plan.json").write_text(plan.to_json(), encoding="utf-8")
     _train(run_dir, plan.world_size, plan.backend, order, local_arrays)
 

@@ -32,6 +32,7 @@ from launcher.plan import (
     usable_bytes,
     with_backend,
 )
+from launcher.redact import redact_text
 from launcher.spec import JobSpec, guardrail_warnings
 
 console = Console(stderr=True, highlight=False)
@@ -194,7 +195,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     if render is None:
         raise FlotillaError(f"--dry-run is not supported by the {spec.resources.backend} backend")
     out.print(
-        render(build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>")),
+        redact_text(render(build_plan(spec, Path(spec.output.dir) / spec.name / "<timestamp>"))),
         markup=False,
         emoji=False,
         soft_wrap=True,

@@ -1,6 +1,6 @@
 """The dependency rule of the house (README, "Architecture"), read from every module's imports.
 
-- ``launcher.{errors,atomic,rundir,processes,hashing}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
+- ``launcher.{errors,atomic,rundir,processes,hashing,redact}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
   ``model`` -> spec; ``plan`` -> spec, model; ``train`` -> spec, data, model, plan; ``backends`` ->
   spec, plan, train, and a backend never imports a sibling backend; ``cli`` -> the packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
@@ -29,6 +29,7 @@ BASE = {
     "launcher.rundir",
     "launcher.processes",
     "launcher.hashing",
+    "launcher.redact",
 }
 #: What each layer may import, besides itself and the base modules.
 ALLOWED = {

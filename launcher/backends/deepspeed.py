@@ -35,14 +35,13 @@ from launcher.backends.commands import (
 from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import run_process_group
+from launcher.redact import is_secret_name
 from launcher.rundir import run_state
 
 #: Environment variable naming the hostfile of a multi-node run.
 HOSTFILE_ENV = "FLOTILLA_HOSTFILE"
 #: Prefixes of environment variables the pdsh runner forwards to the other nodes.
 FORWARDED_ENV = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "NCCL_", "GLOO_", "FLOTILLA_", "TORCH_")
-#: Parts of a variable's name that mark it as a secret, kept off disk unless listed.
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 SECRETS_LISTED = "FLOTILLA_FORWARD_SECRETS"
 LOG_FILE = "launcher.log"
 EXIT_FILE = "launcher.exit"
@@ -169,9 +168,7 @@ def forwarded_env(environ: dict[str, str]) -> dict[str, str]:
     return {
         k: v
         for k, v in sorted(environ.items())
-        if k.startswith(FORWARDED_ENV)
-        and "\n" not in v
-        and (k in listed or not any(word in k.upper() for word in SECRET_WORDS))
+        if k.startswith(FORWARDED_ENV) and "\n" not in v and (k in listed or not is_secret_name(k.upper()))
     }
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from launcher.atomic import write_json_atomic
 from launcher.errors import FlotillaError
 from launcher.plan.deepspeed import deepspeed_override_problems
 from launcher.plan.plan import Plan, build_plan
+from launcher.redact import redact_text
 from launcher.rundir import new_run_dir
 from launcher.spec import (
     JobSpec,
@@ -58,7 +58,7 @@ def prepare_run(spec_path: Path, overrides: list[str], backend: str | None = Non
     overrides = with_backend(overrides, backend)
     spec = load_job(spec_path, overrides)
     run_dir = new_run_dir(spec.output.dir, spec.name)
-    shutil.copyfile(spec_path, run_dir / "spec.yaml")
+    (run_dir / "spec.yaml").write_text(redact_text(spec_path.read_text(encoding="utf-8")), encoding="utf-8")
     plan = build_plan(spec, run_dir)
     plan.warnings = guardrail_warnings(spec)
     (run_dir / "plan.json").write_text(plan.to_json(), encoding="utf-8")

@@ -9,6 +9,7 @@ from typing import Any
 
 from launcher.plan.deepspeed import derive_deepspeed_config
 from launcher.plan.layout import Layout, job_layout
+from launcher.redact import redact
 from launcher.spec import JobSpec
 
 
@@ -29,8 +30,8 @@ class Plan(Layout):
         return JobSpec.model_validate(self.spec)
 
     def to_json(self) -> str:
-        """Serialise (plan.json)."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        """Serialise (plan.json), secret environment values redacted (:mod:`launcher.redact`)."""
+        return json.dumps(redact(asdict(self)), indent=2, sort_keys=True)
 
     @classmethod
     def load(cls, path: Path) -> Plan:

@@ -21,6 +21,7 @@ from launcher.backends.base import JOB_RECORD, RunHandle, write_job_record
 from launcher.backends.ray.cluster import RayHead, is_jobs_address, jobs_client, worker_resources
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
+from launcher.redact import restore_secrets
 from launcher.spec import RaySpec
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class RayBackend:
         settings = plan.job_spec().ray or RaySpec()
         run_dir = Path(plan.run_dir)
         runtime_env = dict(settings.runtime_env)
+        if isinstance(runtime_env.get("env_vars"), dict):  # plan.json keeps no secret: a resume needs it
+            runtime_env["env_vars"] = restore_secrets(runtime_env["env_vars"], "ray.runtime_env.env_vars")
         if not wait:
             return self._submit(plan, settings.address, runtime_env)
         # the workers bring transformers and the train core: only when this process drives a run

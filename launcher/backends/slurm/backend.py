@@ -17,10 +17,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from launcher.atomic import write_owner_only
 from launcher.backends.base import RunHandle, follow_logs, write_job_record
 from launcher.backends.slurm.script import render_script
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
+from launcher.redact import redact_text
 from launcher.rundir import run_state
 
 #: Slurm job states (``squeue``, ``scontrol``, ``sacct``) as Flotilla states.
@@ -96,7 +98,11 @@ class SlurmBackend:
             raise FlotillaError(f"the run directory {run_dir} contains whitespace, which sbatch cannot take")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         script = run_dir / "job.sbatch"
-        script.write_text(render_script(plan), encoding="utf-8")
+        text = render_script(plan)
+        if redact_text(text) != text:  # setup lines that export a secret: readable by the owner only
+            write_owner_only(script, text.encode())
+        else:
+            script.write_text(text, encoding="utf-8")
         submitted = time.time()
         result = slurm_command(["sbatch", "--parsable", str(script)])
         if result.returncode != 0:
