@@ -33,6 +33,7 @@ from launcher.plan import (
     with_backend,
 )
 from launcher.redact import redact_text
+from launcher.rundir import hang_diagnosis
 from launcher.spec import JobSpec, guardrail_warnings
 
 console = Console(stderr=True, highlight=False)
@@ -167,6 +168,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if handle.exit_code == 0:
         print_summary(prepared.run_dir)
     else:
+        diagnosis = hang_diagnosis(prepared.run_dir)
+        if diagnosis:
+            console.print(escape(diagnosis.rstrip()), style="red")
         console.print(
             f"run ended with exit code {handle.exit_code}; resume with: "
             f"flotilla run --resume {prepared.run_dir}"

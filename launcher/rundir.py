@@ -131,3 +131,14 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+#: Where a hung run's stacks and diagnosis go (:mod:`launcher.train.watchdog`).
+HANG_FOLDER = "hang"
+HANG_DIAGNOSIS = "diagnosis.txt"
+
+
+def hang_diagnosis(run_dir: Path) -> str | None:
+    """What the hang watchdog found, if this run's last attempt hung."""
+    path = Path(run_dir) / HANG_FOLDER / HANG_DIAGNOSIS
+    return path.read_text(encoding="utf-8") if path.is_file() else None

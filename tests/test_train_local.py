@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -143,3 +144,57 @@ def test_early_stopping_saves_the_best_checkpoints_weights_not_the_last(
     for key, value in saved.items():
         assert torch.equal(value, at_best[key]), key
     assert abs(summary["after"]["eval_loss"] - evaluations[best]) < 1e-4
+
+
+def test_a_frozen_rank_is_diagnosed_the_job_fails_and_no_process_is_left(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    """Rank 1 is frozen (SIGSTOP: stuck outside Python, as in a native deadlock) mid-training: rank 0
+    blocks in the gradient all-reduce; after resources.hang_timeout its watchdog writes its stacks,
+    names rank 1 as unresponsive and itself as waiting in torch.distributed, and the job fails (1)."""
+    spec = write_spec(
+        tiny_job(
+            tiny_llama,
+            tmp_path,
+            train={"max_steps": 400, "save_steps": 1000},
+            resources={"processes_per_node": 2, "hang_timeout": 6},
+        )
+    )
+    log = tmp_path / "cli.log"
+    process = start_flotilla("run", str(spec), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    root = tmp_path / "runs" / "tiny"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(root.glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    job = process_tree(process.pid)
+    ranks = {psutil.Process(pid).environ().get("RANK"): pid for pid in job if is_rank(pid)}
+    rank_1 = ranks["1"]
+    started = time.monotonic()
+    psutil.Process(rank_1).suspend()
+    run_dir = only_run_dir(tmp_path / "runs")
+    diagnosis = run_dir / "hang" / "diagnosis.txt"
+    while time.monotonic() - started < 120 and not diagnosis.is_file():
+        time.sleep(0.2)
+    diagnosed_after = time.monotonic() - started
+    psutil.Process(rank_1).resume()  # so that the launcher's SIGTERM reaches it at once
+    code = process.wait(timeout=120)
+    output = log.read_text()
+    assert code == 1, output[-3000:]
+    assert 6 <= diagnosed_after < 60, diagnosed_after
+    text = diagnosis.read_text()
+    assert "rank 1 is unresponsive" in text, text
+    assert "rank 0 waits for its peers in" in text, text
+    assert "rank 1 is unresponsive" in " ".join(output.split()), output[-3000:]  # the CLI says it too
+    record = json.loads((run_dir / "hang" / "rank-0.json").read_text())
+    assert record["waiting_for_peers"] and "torch/distributed" in "".join(record["stack"]), record
+    assert "Thread" in (run_dir / "hang" / "rank-0.stacks.txt").read_text()  # every thread's stack
+    left = [
+        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == [], f"processes of the job left running: {left}"
+
+
+def is_rank(pid: int) -> bool:
+    """Whether ``pid`` is a training process (``python -m launcher.train``)."""
+    return "launcher.train" in psutil.Process(pid).cmdline()

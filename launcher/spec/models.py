@@ -10,6 +10,7 @@ from pydantic_core import PydanticCustomError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
@@ -186,6 +187,11 @@ class ResourcesSpec(Section):
     deepspeed_overrides: dict[str, Any] = Field(default_factory=dict)
     launcher: Literal["auto", "torchrun", "deepspeed"] = "auto"
     master_port: Annotated[int, Field(ge=1024, le=65535)] | None = None
+    hang_timeout: NonNegativeFloat = Field(
+        default=1800.0,
+        description="seconds without training progress before every rank writes its stacks to "
+        "<run dir>/hang/ and the job fails naming the stuck rank(s); 0 turns the watchdog off",
+    )
 
 
 class SlurmSpec(Section):

@@ -47,6 +47,7 @@ from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
 from launcher.train.report import write_report
 from launcher.train.trainer import BatchCollator, FlotillaTrainer, LossTerm
+from launcher.train.watchdog import HangWatchdog
 from launcher.train.zero import EvaluateAtTrainBegin, consolidated_state_dict, gathered, is_zero3
 
 
@@ -112,7 +113,9 @@ def run_training(
     )
     resuming = checkpoint is not None
     early = EvaluateAtTrainBegin(lambda: _before_metrics(trainer, data, spec, run_dir, rank, resuming))
-    with signal_callback.installed():
+    watchdog = HangWatchdog(run_dir, rank, world, spec.resources.hang_timeout)
+    trainer.add_callback(watchdog)
+    with signal_callback.installed(), watchdog:
         if trainer.is_deepspeed_enabled:  # DeepSpeed can evaluate only once its engine exists
             trainer.add_callback(early)
         else:
@@ -120,13 +123,12 @@ def run_training(
         if checkpoint is not None:
             say(f"resuming from {checkpoint}")
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    before = early.result or {}
-    if signal_callback.stopped:
-        say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")
-        return TrainOutcome(run_dir, True, trainer.state.global_step, before)
-
-    after = evaluate_all(trainer, data, spec)
-    artifact = save_artifact(trainer, spec, run_dir, tokenizer)
+        before = early.result or {}
+        if signal_callback.stopped:
+            say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")
+            return TrainOutcome(run_dir, True, trainer.state.global_step, before)
+        after = evaluate_all(trainer, data, spec)
+        artifact = save_artifact(trainer, spec, run_dir, tokenizer)
     outcome = TrainOutcome(run_dir, False, trainer.state.global_step, before, after, artifact)
     if rank == 0:
         write_json_atomic(
