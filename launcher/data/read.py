@@ -41,7 +41,7 @@ class SourceReader:
             self.rows_read += 1
             try:
                 if isinstance(row, Exception):
-                    raise ValueError(f"invalid JSON ({row})")
+                    raise row
                 normalised = normalise_row(row, self.fmt, self.fields)
             except ValueError as exc:
                 self._bad(f"{self.path}:{line}: {exc}")
@@ -49,7 +49,8 @@ class SourceReader:
             usable += 1
             yield normalised
         if not usable:
-            raise DataError(f"{self.path}: no usable rows ({self.bad_rows} bad)")
+            first = f"; the first: {self.bad_row_examples[0]}" if self.bad_row_examples else ""
+            raise DataError(f"{self.path}: no usable rows ({self.bad_rows} bad{first})")
 
     def _bad(self, message: str) -> None:
         if self.on_bad_rows == "error":
@@ -68,17 +69,31 @@ def _read_raw(path: str, split: str) -> Iterator[tuple[int, Any]]:
     if suffix in {".jsonl", ".json"}:
         return _read_jsonl(file)
     if suffix == ".csv":
-        return _numbered(_load_with_datasets("csv", path), first=2)
+        return _decoded(_load_with_datasets("csv", path), path, first=2)
     if suffix in {".parquet", ".pq"}:
-        return _numbered(_load_with_datasets("parquet", path), first=1)
+        return _decoded(_load_with_datasets("parquet", path), path, first=1)
     if file.exists():
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .csv or .parquet")
-    return _numbered(_load_hub(path, split), first=1)
+    return _decoded(_load_hub(path, split), path, first=1)
 
 
 def _numbered(rows: Iterable[dict[str, Any]], first: int) -> Iterator[tuple[int, Any]]:
     for index, row in enumerate(rows):
         yield index + first, row
+
+
+def _decoded(rows: Iterable[dict[str, Any]], path: str, first: int) -> Iterator[tuple[int, Any]]:
+    """Numbered rows of a dataset; a row that cannot be decoded (a damaged page) names its row."""
+    iterator, number = iter(rows), first
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:  # Arrow raises several types while decoding a damaged file
+            raise DataError(f"{path}:{number}: cannot decode this row: {_root_cause(exc)}") from None
+        yield number, row
+        number += 1
 
 
 def _read_jsonl(file: Path) -> Iterator[tuple[int, Any]]:
@@ -96,14 +111,15 @@ def _read_jsonl(file: Path) -> Iterator[tuple[int, Any]]:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{file}:{number}: not UTF-8 text ({exc})") from None
+            except UnicodeDecodeError as exc:  # a bad row like any other: skipped and counted, or named
+                yield number, ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                continue
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield number, ValueError(exc.msg)
+                yield number, ValueError(f"invalid JSON ({exc.msg})")
 
 
 def _starts_with_bracket(file: Path) -> bool:
@@ -118,7 +134,14 @@ def _load_with_datasets(kind: str, path: str) -> Iterable[dict[str, Any]]:
     try:
         return datasets.load_dataset(kind, data_files=path, split="train")
     except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+        raise DataError(f"{path}: cannot read as {kind}: {_root_cause(exc)}") from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's message: datasets wraps the parser's (which names the row) in its own."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return f"{type(exc).__name__}: {exc}".strip()
 
 
 def _load_hub(name: str, split: str) -> Iterable[dict[str, Any]]:
