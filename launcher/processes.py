@@ -7,7 +7,8 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 
 import psutil
 
@@ -19,6 +20,47 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 #: which the launchers ignore and the ranks answer by checkpointing and exiting 85 (so no launcher
 #: kills its ranks mid-save); a second stop makes the launchers end their ranks; a third kills all.
 ESCALATION = (signal.SIGUSR1, signal.SIGTERM, signal.SIGKILL)
+
+
+class StopRequests:
+    """SIGTERM, SIGINT, SIGHUP and SIGUSR1 to this process as a request to stop the job it drives.
+
+    The first calls ``first`` with the signal (ask the job to checkpoint and stop: a Ray driver
+    leaves a stop request for its workers); a second raises KeyboardInterrupt, so ``finally`` blocks
+    stop what was started (a private Ray head). Engines that take SIGTERM over when they connect
+    (``ray.init`` does) get it back by :meth:`install` again. Main thread only; the previous
+    handlers are restored on exit.
+    """
+
+    def __init__(self, first: Callable[[int], None]) -> None:
+        self.first = first
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Take the stop signals (again)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    def __enter__(self) -> StopRequests:
+        self.install()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.first(signum)
 
 
 def run_process_group(command: Sequence[str], env: Mapping[str, str] | None = None) -> int:

@@ -142,3 +142,17 @@ def hang_diagnosis(run_dir: Path) -> str | None:
     """What the hang watchdog found, if this run's last attempt hung."""
     path = Path(run_dir) / HANG_FOLDER / HANG_DIAGNOSIS
     return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+#: A stop request a launcher leaves for ranks it cannot signal (Ray Train workers): checkpoint, exit.
+STOP_REQUEST = "stop-requested"
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask every rank of the run to checkpoint and stop at its next step end."""
+    (Path(run_dir) / STOP_REQUEST).touch()
+
+
+def clear_stop_request(run_dir: Path) -> None:
+    """Forget an earlier attempt's stop request (before the run starts again)."""
+    (Path(run_dir) / STOP_REQUEST).unlink(missing_ok=True)

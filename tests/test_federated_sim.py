@@ -9,9 +9,13 @@ test_federated_quality.py: on these synthetic sites every model reaches accuracy
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.numpy import load_file
@@ -21,7 +25,9 @@ from federated.ops.simulation import simulate
 from federated.rounds import RoundStore
 from federated.spec import load_federation
 from federated.strategy.aggregation import Update, fedavg
-from tests.conftest import REPO
+from launcher.errors import REQUEUE_EXIT_CODE
+from launcher.processes import process_tree
+from tests.conftest import REPO, start_flotilla, wait_for
 
 ROUNDS, LOCAL_STEPS = 3, 6
 HONEST = ("site_a", "site_b", "site_c")
@@ -145,3 +151,30 @@ def test_the_report_command_prints_the_round_tables(
     assert main(["fed", "report", str(federation.work_dir)]) == 0
     printed = capsys.readouterr().out
     assert "attacker" in printed and "rejected" in printed and "global adapter per round" in printed
+
+
+def test_a_stop_signal_ends_the_simulation_with_its_ray_and_leaves_no_process(tmp_path: Path) -> None:
+    """SIGTERM to `flotilla fed simulate` mid-round: exit 85 (the federation resumes after its last
+    committed round), Ray's daemons and actors stopped, no process of the simulation left."""
+    log = tmp_path / "simulate.log"
+    process = start_flotilla(
+        "fed",
+        "simulate",
+        str(REPO / "configs" / "federated.yaml"),
+        "rounds=3",
+        "local.steps=2",
+        f"output={tmp_path}",
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    sites = tmp_path / "fed-sentiment" / "sites"
+    wait_for(lambda: list(sites.glob("*/round-001/plan.json")), 300, "a site's first round")
+    job = process_tree(process.pid)
+    assert len(job) >= 3, job  # the CLI, Ray's daemons, the sites' actors
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
+    assert "flotilla fed simulate" in " ".join(log.read_text().split())  # how to resume
+    left = [
+        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == [], f"processes of the simulation left running: {left}"

@@ -15,12 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
 from launcher.backends.commands import free_port
 from launcher.backends.ray.cluster import RayHead
-from launcher.errors import BAD_INPUT_EXIT_CODE, RUNTIME_FAILURE_EXIT_CODE
+from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE, RUNTIME_FAILURE_EXIT_CODE
+from launcher.processes import process_tree
 from tests.conftest import (
     DATA,
     assert_adapter_reloads_equal,
@@ -231,6 +233,37 @@ def test_local_address_starts_a_private_ray_and_stops_it(
     port = int(line.rsplit(":", 1)[1])
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # the private head is gone
+
+
+def test_a_stop_signal_checkpoints_the_workers_and_stops_the_private_ray(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    """SIGTERM to `flotilla run` driving a private Ray: the workers checkpoint and stop, the run
+    exits 85, the head is stopped, and no process of the job is left."""
+    train = {"max_steps": 400, "save_steps": 1000}
+    spec = write_spec(ray_job(tiny_llama, tmp_path, "local", workers=1, train=train))
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        process = start_flotilla("run", str(spec), env=WIDE, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        root = tmp_path / "runs" / "tiny"
+        logged = lambda: any('"loss"' in f.read_text() for f in root.glob("*/metrics.jsonl"))  # noqa: E731
+        wait_for(logged, 300, "the first training loss")
+        job = process_tree(process.pid)
+        assert len(job) >= 4, job  # the CLI, `ray start`, Ray's daemons, the worker
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=180) == REQUEUE_EXIT_CODE, log.read_text()[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    run_dir = only_run_dir(tmp_path / "runs")
+    checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*/flotilla-checkpoint.json"))
+    assert len(checkpoints) == 1, log.read_text()[-4000:]
+    assert not (run_dir / "summary.json").exists()
+    left = [
+        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == [], f"processes of the job left running: {left}"
 
 
 def test_shipped_ray_config_validates_and_renders_its_ray_job() -> None:

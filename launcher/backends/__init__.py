@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from launcher.backends.base import find_job, get_backend, write_job_record
 from launcher.backends.commands import free_port
+from launcher.backends.ray.cluster import pin_loopback
 
 __all__ = [
     "find_job",
     "free_port",
     "get_backend",
+    "pin_loopback",
     "write_job_record",
 ]

@@ -43,11 +43,14 @@ class CheckpointOnSignal(TrainerCallback):
     training (a second Ctrl-C aborts at once, without the checkpoint).
 
     Every rank must agree, so the flag is all-reduced at each step end when running distributed.
+    A launcher that cannot signal its ranks (Ray Train's workers run the train core in a thread)
+    asks by leaving ``stop_file`` (:func:`launcher.rundir.request_stop`), looked for at each step end.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Path | None = None) -> None:
+        self.stop_file = stop_file
         self.requested = False
         self.received: int | None = None
         self.stopped = False
@@ -87,6 +90,8 @@ class CheckpointOnSignal(TrainerCallback):
             self.stopped = True
 
     def _any_rank_requested(self) -> bool:
+        if self.stop_file is not None and not self.requested and self.stop_file.exists():
+            self.requested = True
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = torch.tensor([1.0 if self.requested else 0.0])
             if torch.distributed.get_backend() == "nccl":

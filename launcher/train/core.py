@@ -37,7 +37,7 @@ from launcher.model import (
     matching_parameters,
 )
 from launcher.plan import Plan
-from launcher.rundir import write_manifest
+from launcher.rundir import STOP_REQUEST, write_manifest
 from launcher.spec import JobSpec
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
 from launcher.train.checkpoint import latest_verified_checkpoint, save_verified
@@ -103,7 +103,7 @@ def run_training(
     trainable, total = count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
-    signal_callback = CheckpointOnSignal()
+    signal_callback = CheckpointOnSignal(run_dir / STOP_REQUEST)
     trainer = build_trainer(spec, plan, run_dir, model, tokenizer, data, unfreeze, signal_callback, console)
     for callback in extra_callbacks or []:
         trainer.add_callback(callback)

@@ -13,9 +13,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from launcher.backends.ray.backend import ask_workers_to_stop
 from launcher.backends.ray.workers import drive
 from launcher.errors import BAD_INPUT_EXIT_CODE, FlotillaError
 from launcher.plan import reopen_run
+from launcher.processes import StopRequests
+from launcher.rundir import clear_stop_request
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_INPUT_EXIT_CODE
     try:
         plan = reopen_run(Path(args[0])).plan
-        return drive(plan, os.environ.get("RAY_ADDRESS", "auto"), console, None)
+        run_dir = Path(plan.run_dir)
+        clear_stop_request(run_dir)
+        # `ray job stop` sends SIGTERM: the workers checkpoint before the job ends
+        with StopRequests(lambda signum: ask_workers_to_stop(run_dir, console, signum)) as stop:
+            return drive(plan, os.environ.get("RAY_ADDRESS", "auto"), console, None, stop)
     except FlotillaError as exc:
         console.print("[red]error:[/]", escape(str(exc)))
         return exc.exit_code

@@ -21,7 +21,9 @@ from launcher.backends.base import JOB_RECORD, RunHandle, write_job_record
 from launcher.backends.ray.cluster import RayHead, is_jobs_address, jobs_client, worker_resources
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
+from launcher.processes import StopRequests
 from launcher.redact import restore_secrets
+from launcher.rundir import clear_stop_request, request_stop
 from launcher.spec import RaySpec
 
 if TYPE_CHECKING:
@@ -38,6 +40,14 @@ JOB_STATES = {
 FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
 #: How often a followed job is polled.
 POLL_S = 2.0
+
+
+def ask_workers_to_stop(run_dir: Path, console: Console, signum: int) -> None:
+    """The first stop signal: every worker checkpoints at its next step end, then the run ends (85)."""
+    request_stop(run_dir)
+    console.print(
+        f"signal {signum}: the workers checkpoint at their next step and stop; a second signal aborts"
+    )
 
 
 def job_entrypoint(run_dir: str | Path) -> str:
@@ -61,23 +71,26 @@ class RayBackend:
         # the workers bring transformers and the train core: only when this process drives a run
         from launcher.backends.ray.workers import drive
 
-        if settings.address == "local":
+        if is_jobs_address(settings.address):
+            handle = self._submit(plan, settings.address, runtime_env)
+            write_job_record(handle)
+            console.print(f"submitted Ray job {handle.job_id} to {handle.details['address']}")
+            return RunHandle(self.name, run_dir, exit_code=self._follow(handle, console))
+        clear_stop_request(run_dir)
+        with StopRequests(lambda signum: ask_workers_to_stop(run_dir, console, signum)) as stop:
+            if settings.address != "local":
+                return RunHandle(
+                    self.name, run_dir, exit_code=drive(plan, settings.address, console, runtime_env, stop)
+                )
             cpus = settings.num_cpus or plan.world_size * plan.job_spec().resources.cpus_per_worker
             console.print(f"starting a private Ray head on 127.0.0.1 with {cpus} CPUs")
             started = time.monotonic()
             head = RayHead.start(cpus)
-            console.print(f"Ray is up after {time.monotonic() - started:.1f} s at {head.address}")
             try:
-                code = drive(plan, head.address, console, runtime_env)
+                console.print(f"Ray is up after {time.monotonic() - started:.1f} s at {head.address}")
+                code = drive(plan, head.address, console, runtime_env, stop)
             finally:
-                head.stop()
-        elif is_jobs_address(settings.address):
-            handle = self._submit(plan, settings.address, runtime_env)
-            write_job_record(handle)
-            console.print(f"submitted Ray job {handle.job_id} to {handle.details['address']}")
-            code = self._follow(handle, console)
-        else:
-            code = drive(plan, settings.address, console, runtime_env)
+                head.stop()  # also after a second stop signal: no Ray process outlives the run
         return RunHandle(self.name, run_dir, exit_code=code)
 
     def _submit(self, plan: Plan, address: str, runtime_env: dict[str, Any]) -> RunHandle:

@@ -120,7 +120,7 @@ def connect(address: str, runtime_env: dict[str, Any] | None) -> None:
     """Make this process a driver of the Ray cluster at ``address`` (clear error if none answers)."""
     if address != "auto":
         host, port = _host_port(address)
-        _pin_loopback(host)
+        pin_loopback(host)
         try:
             socket.create_connection((host, port), timeout=5).close()
         except OSError as exc:
@@ -185,7 +185,7 @@ def check_runtime_env(runtime_env: dict[str, Any]) -> None:
 def jobs_client(address: str | None) -> JobSubmissionClient:
     """A Ray Jobs API client (``address`` may also be ``auto`` or a GCS ``host:port``)."""
     if address:
-        _pin_loopback(urlsplit(address if "://" in address else f"tcp://{address}").hostname)
+        pin_loopback(urlsplit(address if "://" in address else f"tcp://{address}").hostname)
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -195,7 +195,7 @@ def jobs_client(address: str | None) -> JobSubmissionClient:
         raise BackendError(f"no Ray Jobs API reachable at {where}: {exc}") from None
 
 
-def _pin_loopback(host: str | None) -> None:
+def pin_loopback(host: str | None) -> None:
     """Keep Ray on 127.0.0.1 when the cluster is on this machine's loopback."""
     if host in LOOPBACK:
         os.environ[ONE_MACHINE_ENV] = "0"

@@ -25,6 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from launcher.backends.ray.cluster import check_resources, check_runtime_env, connect, worker_resources
 from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE, FlotillaError
 from launcher.plan import Plan
+from launcher.processes import StopRequests
 from launcher.spec import RaySpec
 from launcher.train import run_training
 
@@ -130,9 +131,19 @@ def fit(plan: Plan, console: Console) -> int:
     return 0 if (run_dir / "summary.json").is_file() else REQUEUE_EXIT_CODE
 
 
-def drive(plan: Plan, address: str, console: Console, runtime_env: dict[str, Any] | None) -> int:
-    """Connect, check the cluster can hold the job, run Ray Train to the end, disconnect; exit code."""
+def drive(
+    plan: Plan,
+    address: str,
+    console: Console,
+    runtime_env: dict[str, Any] | None,
+    stop: StopRequests | None = None,
+) -> int:
+    """Connect, check the cluster can hold the job, run Ray Train to the end, disconnect; exit code.
+
+    ``stop`` takes the stop signals back from ``ray.init`` (which sets its own SIGTERM handler)."""
     connect(address, runtime_env)
+    if stop is not None:
+        stop.install()
     import ray  # an optional engine: only on the path of a Ray run
 
     try:
