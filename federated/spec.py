@@ -24,9 +24,9 @@ from launcher.spec import (
     NonNegativeInt,
     PeftSpec,
     PositiveInt,
+    RelativePaths,
     Section,
     load_yaml_model,
-    resolve_path,
 )
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -305,27 +305,27 @@ def site_problems(site: SiteSpec) -> list[tuple[str, str]]:
 
 
 def load_federation(path: Path, overrides: list[str] | None = None) -> FederationSpec:
-    """Load, override, validate a federation spec and make its local paths absolute."""
+    """Load, override, validate a federation spec and make its local paths absolute
+    (:class:`launcher.spec.RelativePaths`: relative to the spec's folder, overrides to the cwd)."""
     spec = load_yaml_model(FederationSpec, path, overrides or [], [federation_problems])
-    spec.model.path = resolve_path(spec.model.path, path)
-    spec.sites = {name: resolve_path(job, path, absolute=True) for name, job in spec.sites.items()}
-    if spec.evaluation.data:
-        spec.evaluation.data = resolve_path(spec.evaluation.data, path, absolute=True)
-    spec.server.keys = resolve_path(spec.server.keys, path, absolute=True)
-    spec.server.enroll = [resolve_path(key, path, absolute=True) for key in spec.server.enroll]
-    spec.output = resolve_path(spec.output, path, absolute=True)
+    resolve = RelativePaths(path, overrides or [])
+    spec.model.path = resolve(spec.model.path, "model.path", named=True) or spec.model.path
+    spec.sites = {name: resolve(job, f"sites.{name}") or job for name, job in spec.sites.items()}
+    spec.evaluation.data = resolve(spec.evaluation.data, "evaluation.data")
+    spec.server.keys = resolve(spec.server.keys, "server.keys") or spec.server.keys
+    spec.server.enroll = [resolve(key, "server.enroll") or key for key in spec.server.enroll]
+    spec.output = resolve(spec.output, "output") or spec.output
     return spec
 
 
 def load_site(path: Path, overrides: list[str] | None = None) -> SiteSpec:
-    """Load and validate a site spec, with its local paths made absolute."""
+    """Load and validate a site spec, with its local paths made absolute (as a federation's)."""
     site = load_yaml_model(SiteSpec, path, overrides or [], [site_problems])
-    site.job = resolve_path(site.job, path, absolute=True)
-    site.work_dir = resolve_path(site.work_dir, path, absolute=True)
-    if site.ca_cert:
-        site.ca_cert = resolve_path(site.ca_cert, path, absolute=True)
-    if site.private_key:
-        site.private_key = resolve_path(site.private_key, path, absolute=True)
+    resolve = RelativePaths(path, overrides or [])
+    site.job = resolve(site.job, "job") or site.job
+    site.work_dir = resolve(site.work_dir, "work_dir") or site.work_dir
+    site.ca_cert = resolve(site.ca_cert, "ca_cert")
+    site.private_key = resolve(site.private_key, "private_key")
     if not site.insecure and not (site.ca_cert and site.private_key):
         raise SpecError(str(path), ["ca_cert and private_key are required unless insecure: true"])
     return site

@@ -187,7 +187,7 @@ def test_per_node_launchers_form_one_job_across_two_nodes(
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "preflight: 2 ranks" in outputs[0]
     assert json.loads((prepared.run_dir / "summary.json").read_text())["steps"] == 3
-    assert (prepared.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert_adapter_reloads_equal(tiny_llama, prepared.run_dir)  # gathered from both nodes' ZeRO-3 shards
 
 
 def test_real_smollm2_zero3_lora_run(tmp_path: Path, write_spec) -> None:

@@ -37,7 +37,7 @@ PLAN_RULES = (deepspeed_override_problems,)
 
 def load_job(spec_path: Path, overrides: list[str]) -> JobSpec:
     """Load and validate a spec (the plan's rules included), with its local paths made absolute."""
-    return resolve_relative_paths(load_spec(spec_path, overrides, PLAN_RULES), spec_path)
+    return resolve_relative_paths(load_spec(spec_path, overrides, PLAN_RULES), spec_path, overrides)
 
 
 def validate_job(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from launcher.spec.load import (
     Location,
+    RelativePaths,
     load_spec,
     load_yaml_model,
-    resolve_path,
     resolve_relative_paths,
     validate_spec,
 )
@@ -46,6 +46,7 @@ __all__ = [
     "PeftSpec",
     "PositiveInt",
     "RaySpec",
+    "RelativePaths",
     "ResourcesSpec",
     "Section",
     "SlurmSpec",
@@ -53,7 +54,6 @@ __all__ = [
     "guardrail_warnings",
     "load_spec",
     "load_yaml_model",
-    "resolve_path",
     "resolve_relative_paths",
     "validate_spec",
     "zero_problems",

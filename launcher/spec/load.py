@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -217,31 +218,61 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def resolve_relative_paths(spec: JobSpec, spec_file: Path) -> JobSpec:
-    """Make the job's local data and model paths absolute (:func:`resolve_path`).
+def resolve_relative_paths(spec: JobSpec, spec_file: Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Make the job's local paths absolute by :class:`RelativePaths`.
 
     Workers may start in another directory (Slurm, Ray), so the plan only holds absolute paths.
     """
-    for source in [*spec.data.train, *spec.data.validation]:
-        source.path = resolve_path(source.path, spec_file)
-    spec.model.path = resolve_path(spec.model.path, spec_file)
+    resolve = RelativePaths(spec_file, overrides)
+    for key, sources in (("data.train", spec.data.train), ("data.validation", spec.data.validation)):
+        for source in sources:
+            source.path = resolve(
+                source.path, key, named=Path(source.path).suffix.lower() not in DATA_SUFFIXES
+            )
+    spec.data.cache_dir = resolve(spec.data.cache_dir, "data.cache_dir")
+    spec.model.path = resolve(spec.model.path, "model.path", named=True)
+    spec.peft.init_from = resolve(spec.peft.init_from, "peft.init_from", named=True)
+    spec.output.dir = resolve(spec.output.dir, "output.dir") or spec.output.dir
     return spec
 
 
-def resolve_path(value: str, spec_file: Path, *, absolute: bool = False) -> str:
+#: Suffixes of local data files: such a path is a file even before it exists (never a hub name).
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
+
+
+class RelativePaths:
     """The one rule for relative paths in every spec kind (job, federation, site).
 
-    A relative path names what exists under the current directory, else under the spec file's
-    folder. Found in neither, it stays as written (a model alias or hub id; a data file then reported
-    missing), or with ``absolute`` (folders Flotilla creates, files named for later) is taken relative
-    to the current directory.
+    A relative path written in a spec file is relative to that file's folder, wherever the command
+    runs; one given on the command line (``key=value``) is relative to the current directory. A value
+    that may also be a name (a model alias, a hub id, a hub dataset: ``named``) is taken as a path
+    only when it names something there, else it stays as written.
     """
-    if Path(value).is_absolute():
-        return value
-    for base in (Path.cwd(), Path(spec_file).resolve().parent):
-        try:
-            if (base / value).exists():
-                return str((base / value).resolve())
-        except OSError:  # a name the filesystem refuses (too long): it names nothing here
-            continue
-    return str((Path.cwd() / value).resolve()) if absolute else value
+
+    def __init__(self, spec_file: Path, overrides: Sequence[str] = ()) -> None:
+        self.folder = Path(os.path.abspath(spec_file)).parent
+        self.overridden = [item.split("=", 1)[0].strip() for item in overrides if "=" in item]
+
+    def __call__(self, value: str | None, key: str, *, named: bool = False) -> str | None:
+        """``value`` (the value of ``key``, a dotted key path) made absolute."""
+        if value is None or Path(value).is_absolute():
+            return value
+        base = Path.cwd() if self.from_command_line(key) else self.folder
+        candidate = os.path.normpath(base / value)
+        if named and not _exists(candidate):
+            return value
+        return candidate
+
+    def from_command_line(self, key: str) -> bool:
+        """Whether ``key`` (or a section holding it, or a part of it) was set by an override."""
+        return any(
+            key == item or key.startswith(item + ".") or item.startswith(key + ".")
+            for item in self.overridden
+        )
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # a name the filesystem refuses (too long): it names nothing here
+        return False
