@@ -62,8 +62,10 @@ def start(tmp_path: Path) -> Iterator[Start]:
         return process
 
     yield run
+    every = [pid for process in started for pid in process_tree(process.pid)]
+    stop_processes(every, timeout=30)  # all at once: each SuperNode takes seconds to end
     for process in started:
-        kill_tree(process, "term")
+        process.wait(timeout=30)
 
 
 def write(path: Path, content: dict) -> Path:
