@@ -156,6 +156,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         prepared = reopen_run(Path(args.resume))
+        if args.spec:  # a spec beside --resume must be the run's own: the run dir's plan is what runs
+            given = load_job(Path(args.spec), with_backend(args.overrides, args.backend))
+            if given.name != prepared.spec.name:
+                raise FlotillaError(
+                    f"--resume {args.resume} is a run of job {prepared.spec.name!r}, but {args.spec} is job "
+                    f"{given.name!r}; resume a run of this job, or run {args.spec} without --resume"
+                )
         console.print(f"resuming run {prepared.run_dir}")
     elif args.spec:
         prepared = prepare_run(Path(args.spec), args.overrides, args.backend)

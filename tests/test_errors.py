@@ -52,3 +52,14 @@ def test_a_path_longer_than_the_filesystem_allows_is_no_traceback() -> None:
     result = flotilla("validate", str(REPO / "configs" / "quickstart.yaml"), "data.train=" + "x" * 5000)
     output = result.stdout + result.stderr
     assert "Traceback" not in output and result.returncode in (0, BAD_INPUT_EXIT_CODE), output[-2000:]
+
+
+def test_a_resume_of_another_jobs_run_dir_names_both_jobs(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    from launcher.plan import prepare_run
+
+    other = prepare_run(write_spec(tiny_job(tiny_llama, tmp_path, name="other"), "other.yaml"), [])
+    mine = write_spec(tiny_job(tiny_llama, tmp_path), "mine.yaml")
+    result = flotilla("run", str(mine), "--resume", str(other.run_dir))
+    assert_clear_input_error(result, "is a run of job 'other'", "is job 'tiny'")

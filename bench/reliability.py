@@ -1,0 +1,292 @@
+"""Reliability, measured through the real CLI: kill -9 mid-run, stop signals per backend, a frozen rank.
+
+    python bench/reliability.py --json bench/results/reliability.json [--repeats 5]
+
+1. kill -9 at a random step, then ``flotilla run --resume``, ``--repeats`` times, locally (1 process)
+   and under ZeRO-3 (2 gloo ranks): the largest difference of any logged loss from the uninterrupted
+   run's, and the final adapter's largest difference.
+2. SIGTERM to ``flotilla run`` (local, torchrun with 2 ranks, the DeepSpeed launcher with 2 ranks, a
+   private Ray head) and to ``flotilla fed simulate``: the exit code and the processes of the job left.
+3. A rank frozen by SIGSTOP under ``resources.hang_timeout: 6``: seconds until the diagnosis file.
+
+The job is the tests' tiny Llama (2 layers, SmolLM2's tokenizer) on the shipped instructions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launcher.processes import process_tree  # noqa: E402 (after the path)
+from tests.tiny_models import build_tiny_llama  # noqa: E402
+
+DATA = REPO / "configs" / "data"
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+STEPS = 24
+
+
+def job(model: Path, out: Path, **resources: Any) -> dict[str, Any]:
+    """The tiny job: ``STEPS`` steps, a checkpoint every 3."""
+    return {
+        "name": "tiny",
+        "seed": 7,
+        "model": {"path": str(model)},
+        "data": {
+            "train": str(DATA / "instructions.jsonl"),
+            "validation": str(DATA / "instructions_val.jsonl"),
+            "max_length": 64,
+            "max_train_rows": 96,
+            "max_validation_rows": 16,
+        },
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"learning_rate": 1e-3, "micro_batch_size": 4, "max_steps": STEPS, "save_steps": 3},
+        "resources": resources,
+        "output": {"dir": str(out)},
+    }
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[str]:
+    with log.open("a") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", *args],
+            cwd=REPO,
+            env=ENV,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise SystemExit(f"reliability: timed out after {timeout:.0f} s")
+
+
+def run_dir_of(out: Path) -> Path:
+    (found,) = [p for p in (out / "tiny").iterdir() if p.is_dir()]
+    return found
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per step (a step logged again after the resume keeps its last value)."""
+    found = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line being written
+            continue
+        if "loss" in row:
+            found[row["step"]] = row["loss"]
+    return found
+
+
+def adapter(run_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def kill9_and_resume(
+    model: Path, root: Path, resources: dict[str, Any], repeats: int, seed: int
+) -> dict[str, Any]:
+    """Uninterrupted once, then ``repeats`` runs killed with SIGKILL at a random step and resumed."""
+    root.mkdir(parents=True, exist_ok=True)
+    spec = root / "job.yaml"
+    spec.write_text(yaml.safe_dump(job(model, root / "whole", **resources)))
+    whole = start(["run", str(spec)], root / "whole.log")
+    assert whole.wait() == 0, (root / "whole.log").read_text()[-3000:]
+    reference_dir = run_dir_of(root / "whole")
+    reference, reference_adapter = losses(reference_dir), adapter(reference_dir)
+    rng = random.Random(seed)
+    trials = []
+    for trial in range(repeats):
+        out = root / f"killed-{trial}"
+        spec.write_text(yaml.safe_dump(job(model, out, **resources)))
+        kill_at = rng.randint(4, STEPS - 4)
+        log = root / f"killed-{trial}.log"
+        process = start(["run", str(spec)], log)
+        wait_until(lambda out=out: list(out.glob("tiny/*/metrics.jsonl")), 300)
+        run_dir = run_dir_of(out)
+        wait_until(lambda run_dir=run_dir, kill_at=kill_at: max(losses(run_dir), default=0) >= kill_at, 300)
+        tree = process_tree(process.pid)
+        for pid in tree:  # kill -9 of every process of the job at once, as a node failure does
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+        process.wait()
+        resumed = start(["run", "--resume", str(run_dir)], log)
+        code = resumed.wait()
+        got = losses(run_dir)
+        loss_gap = max(abs(got[step] - reference[step]) for step in reference)
+        weights = adapter(run_dir)
+        weight_gap = max(float((weights[k] - reference_adapter[k]).abs().max()) for k in reference_adapter)
+        trials.append(
+            {
+                "killed_at_step": kill_at,
+                "resume_exit": code,
+                "max_loss_gap": loss_gap,
+                "max_weight_gap": weight_gap,
+            }
+        )
+        print(
+            f"  {resources or 'local'}: killed at step {kill_at}, resumed: loss gap {loss_gap:.2e}",
+            flush=True,
+        )
+    return {"resources": resources, "steps": STEPS, "trials": trials}
+
+
+def left_running(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
+
+
+def sigterm(root: Path, name: str, args: list[str], started: Callable[[], Any]) -> dict[str, Any]:
+    """SIGTERM to the CLI once ``started()`` holds: its exit code and the job's processes left."""
+    log = root / f"sigterm-{name}.log"
+    process = start(args, log)
+    wait_until(started, 400)
+    time.sleep(1.0)
+    tree = process_tree(process.pid)
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=300)
+    time.sleep(1.0)
+    left = left_running(tree)
+    print(f"  SIGTERM {name}: exit {code}, {len(tree)} processes, {len(left)} left", flush=True)
+    return {"exit_code": code, "processes": len(tree), "left": len(left)}
+
+
+def stop_signals(model: Path, root: Path) -> dict[str, Any]:
+    results = {}
+    backends = {
+        "local, 1 process": {},
+        "torchrun, 2 ranks": {"processes_per_node": 2},
+        "DeepSpeed launcher, 2 ranks": {
+            "backend": "deepspeed",
+            "processes_per_node": 2,
+            "zero": {"stage": 2},
+        },
+        "Ray, private head": {"backend": "ray", "workers": 1},
+    }
+    for name, resources in backends.items():
+        out = root / f"term-{len(results)}"
+        spec = root / f"term-{len(results)}.yaml"
+        body = job(model, out, **resources)
+        body["train"].update(max_steps=400, save_steps=1000)
+        if resources.get("backend") == "ray":
+            body["ray"] = {"address": "local"}
+        spec.write_text(yaml.safe_dump(body))
+
+        def training(out: Path = out) -> bool:
+            return any('"loss"' in f.read_text() for f in out.glob("tiny/*/metrics.jsonl"))
+
+        results[name] = sigterm(root, name, ["run", str(spec)], training)
+    fed_out = root / "fed"
+    sites = fed_out / "fed-sentiment" / "sites"
+    results["fed simulate"] = sigterm(
+        root,
+        "fed simulate",
+        [
+            "fed",
+            "simulate",
+            str(REPO / "configs" / "federated.yaml"),
+            "rounds=3",
+            "local.steps=2",
+            f"output={fed_out}",
+        ],
+        lambda: list(sites.glob("*/round-001/plan.json")),
+    )
+    return results
+
+
+def frozen_rank(model: Path, root: Path) -> dict[str, Any]:
+    """Seconds from SIGSTOP of rank 1 to the diagnosis, with hang_timeout 6 s."""
+    out = root / "hang"
+    spec = root / "hang.yaml"
+    body = job(model, out, processes_per_node=2, hang_timeout=6)
+    body["train"].update(max_steps=400, save_steps=1000)
+    spec.write_text(yaml.safe_dump(body))
+    process = start(["run", str(spec)], root / "hang.log")
+    wait_until(lambda: any('"loss"' in f.read_text() for f in out.glob("tiny/*/metrics.jsonl")), 300)
+    tree = process_tree(process.pid)
+    (rank_1,) = [
+        p
+        for p in tree
+        if "launcher.train" in psutil.Process(p).cmdline() and psutil.Process(p).environ().get("RANK") == "1"
+    ]
+    frozen = time.monotonic()
+    psutil.Process(rank_1).suspend()
+    diagnosis = run_dir_of(out) / "hang" / "diagnosis.txt"
+    wait_until(diagnosis.is_file, 300)
+    seconds = time.monotonic() - frozen
+    psutil.Process(rank_1).resume()
+    code = process.wait(timeout=300)
+    print(f"  frozen rank: diagnosed after {seconds:.1f} s, exit {code}", flush=True)
+    return {
+        "hang_timeout": 6,
+        "seconds_to_diagnosis": seconds,
+        "exit_code": code,
+        "left": len(left_running(tree)),
+        "diagnosis": diagnosis.read_text(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="flotilla-reliability-"))
+    model = build_tiny_llama(root / "tiny-llama")
+    results: dict[str, Any] = {"repeats": args.repeats, "seed": args.seed}
+    print("kill -9 and resume", flush=True)
+    results["kill9_local"] = kill9_and_resume(model, root / "k-local", {}, args.repeats, args.seed)
+    zero3 = {"backend": "deepspeed", "processes_per_node": 2, "zero": {"stage": 3}}
+    results["kill9_zero3"] = kill9_and_resume(model, root / "k-zero3", zero3, args.repeats, args.seed)
+    print("stop signals", flush=True)
+    results["sigterm"] = stop_signals(model, root)
+    print("a frozen rank", flush=True)
+    results["frozen_rank"] = frozen_rank(model, root)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
