@@ -67,6 +67,12 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=3.0",
         "local.lr_schedule=cosine",
     ],
+    "fedavg-server-lr-4+cosine": [
+        "strategy.name=fedavgm",
+        "strategy.server_momentum=0.0",
+        "strategy.server_learning_rate=4.0",
+        "local.lr_schedule=cosine",
+    ],
     "ffa-lora": ["peft.freeze_lora_a=true"],
     "fedsa-lora": ["local.keep_local=[lora_B]"],
     "per-site-head": ["local.keep_local=[classifier]"],

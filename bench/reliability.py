@@ -1,6 +1,7 @@
 """Reliability, measured through the real CLI: kill -9 mid-run, stop signals per backend, a frozen rank.
 
     python bench/reliability.py --json bench/results/reliability.json [--repeats 5]
+    python bench/reliability.py --print bench/results/reliability.json     # the RESULTS.md tables
 
 1. kill -9 at a random step, then ``flotilla run --resume``, ``--repeats`` times, locally (1 process)
    and under ZeRO-3 (2 gloo ranks): the largest difference of any logged loss from the uninterrupted
@@ -266,12 +267,46 @@ def frozen_rank(model: Path, root: Path) -> dict[str, Any]:
     }
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The RESULTS.md tables of a saved run."""
+    lines = [
+        "| kill -9 at a random step, then `--resume` | runs | steps killed at | resume exit codes "
+        "| largest loss gap | largest adapter gap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in (("kill9_local", "local, 1 process"), ("kill9_zero3", "ZeRO-3, 2 gloo ranks")):
+        trials = results[key]["trials"]
+        lines.append(
+            f"| {label} | {len(trials)} | {', '.join(str(t['killed_at_step']) for t in trials)} "
+            f"| {', '.join(str(t['resume_exit']) for t in trials)} "
+            f"| {max(t['max_loss_gap'] for t in trials):.1e} | {max(t['max_weight_gap'] for t in trials):.1e} |"
+        )
+    lines += [
+        "",
+        "| SIGTERM to the CLI | exit code | processes of the job | left after |",
+        "|---|---|---|---|",
+    ]
+    for name, row in results["sigterm"].items():
+        lines.append(f"| {name} | {row['exit_code']} | {row['processes']} | {row['left']} |")
+    frozen = results["frozen_rank"]
+    lines += [
+        "",
+        f"A frozen rank (SIGSTOP, `hang_timeout: {frozen['hang_timeout']}`): diagnosed after "
+        f"{frozen['seconds_to_diagnosis']:.1f} s, exit {frozen['exit_code']}, {frozen['left']} processes left.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--print", type=Path, metavar="JSON", help="print the tables of a saved run")
     args = parser.parse_args(argv)
+    if args.print:
+        print(markdown(json.loads(args.print.read_text())))
+        return 0
     root = Path(tempfile.mkdtemp(prefix="flotilla-reliability-"))
     model = build_tiny_llama(root / "tiny-llama")
     results: dict[str, Any] = {"repeats": args.repeats, "seed": args.seed}
@@ -285,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     results["frozen_rank"] = frozen_rank(model, root)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
     return 0
 
 

@@ -63,3 +63,19 @@ def test_a_resume_of_another_jobs_run_dir_names_both_jobs(
     mine = write_spec(tiny_job(tiny_llama, tmp_path), "mine.yaml")
     result = flotilla("run", str(mine), "--resume", str(other.run_dir))
     assert_clear_input_error(result, "is a run of job 'other'", "is job 'tiny'")
+
+
+def test_a_chat_template_that_does_not_render_prefix_by_prefix_names_the_format(
+    tiny_llama: Path, tmp_path: Path, write_spec
+) -> None:
+    import shutil
+
+    model = tmp_path / "odd-template"
+    shutil.copytree(tiny_llama, model)
+    (model / "chat_template.jinja").write_text(  # marks the last turn: a prefix renders differently
+        "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    chat = str(REPO / "configs" / "data" / "chat.jsonl")
+    data = {"train": chat, "validation": chat, "format": "chat"}
+    result = flotilla("run", str(write_spec(tiny_job(model, tmp_path, data=data))))
+    assert_clear_input_error(result, "format 'chat'", "does not render a conversation prefix by prefix")

@@ -80,19 +80,23 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_llama: Path, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("stop", "processes"),
-    [(signal.SIGHUP, 1), (signal.SIGTERM, 2)],
-    ids=["SIGHUP-in-process", "SIGTERM-torchrun-2-ranks"],
+    ("stop", "processes", "launcher"),
+    [
+        (signal.SIGHUP, 1, {}),
+        (signal.SIGTERM, 2, {}),
+        (signal.SIGTERM, 2, {"backend": "deepspeed", "zero": {"stage": 2}}),
+    ],
+    ids=["SIGHUP-in-process", "SIGTERM-torchrun-2-ranks", "SIGTERM-deepspeed-launcher-2-ranks"],
 )
 def test_a_stop_signal_to_the_cli_checkpoints_every_rank_exits_85_and_leaves_no_process(
-    tiny_llama: Path, tmp_path: Path, write_spec, stop: signal.Signals, processes: int
+    tiny_llama: Path, tmp_path: Path, write_spec, stop: signal.Signals, processes: int, launcher: dict
 ) -> None:
     spec = write_spec(
         tiny_job(
             tiny_llama,
             tmp_path,
             train={"max_steps": 400, "save_steps": 1000},
-            resources={"processes_per_node": processes},
+            resources={"processes_per_node": processes, **launcher},
         )
     )
     process = start_flotilla("run", str(spec))
