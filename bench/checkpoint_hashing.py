@@ -42,7 +42,7 @@ def make_checkpoint(folder: Path) -> Path:
         "data": {
             "train": str(REPO / "configs" / "data" / "instructions.jsonl"),
             "validation_ratio": 0.0,
-            "max_length": 32,
+            "max_length": 256,  # SmolLM2's chat template adds a system prompt to every row
             "max_train_rows": 8,
         },
         "peft": {"method": "none"},
