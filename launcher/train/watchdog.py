@@ -9,8 +9,8 @@ process with exit code 1 (a runtime failure: a retry can help). The launcher (to
 Ray) then ends the others. A rank that wrote no record within the wait is named as unresponsive: it
 is stuck outside Python (a frozen process, a native deadlock) or its node is gone.
 
-A rank whose main thread waits in ``torch.distributed`` is a victim; the ranks elsewhere are the
-stuck ones, and the diagnosis names them first.
+A rank whose main thread waits in ``torch.distributed`` (or in backward, where DDP and ZeRO
+all-reduce gradients) is a victim; the ranks elsewhere are the stuck ones, named first.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from launcher.atomic import write_json_atomic
 from launcher.errors import RUNTIME_FAILURE_EXIT_CODE
 from launcher.rundir import HANG_DIAGNOSIS, HANG_FOLDER
 
-#: Where a main thread waiting for its peers sits (a collective, a barrier, a store).
-COLLECTIVE_MARKERS = ("torch/distributed/", "deepspeed/comm/")
+#: Where a main thread waiting for its peers sits: a collective, a barrier, a store, or backward
+#: (DDP and ZeRO all-reduce gradients from autograd hooks, below any Python frame of their own).
+COLLECTIVE_MARKERS = ("torch/distributed/", "deepspeed/comm/", "torch/autograd/")
 
 
 class HangWatchdog(TrainerCallback):
