@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from launcher.processes import process_tree  # noqa: E402 (after the path)
+from tests.conftest import losses, only_run_dir, processes_left, rank_pids, tiny_job, wait_for  # noqa: E402
 from tests.tiny_models import build_tiny_llama  # noqa: E402
 
-DATA = REPO / "configs" / "data"
 ENV = {
     **os.environ,
     "PYTHONPATH": str(REPO),
@@ -51,23 +51,9 @@ STEPS = 24
 
 
 def job(model: Path, out: Path, **resources: Any) -> dict[str, Any]:
-    """The tiny job: ``STEPS`` steps, a checkpoint every 3."""
-    return {
-        "name": "tiny",
-        "seed": 7,
-        "model": {"path": str(model)},
-        "data": {
-            "train": str(DATA / "instructions.jsonl"),
-            "validation": str(DATA / "instructions_val.jsonl"),
-            "max_length": 64,
-            "max_train_rows": 96,
-            "max_validation_rows": 16,
-        },
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"learning_rate": 1e-3, "micro_batch_size": 4, "max_steps": STEPS, "save_steps": 3},
-        "resources": resources,
-        "output": {"dir": str(out)},
-    }
+    """The tests' tiny job, ``STEPS`` steps, a checkpoint every 3, writing under ``out``."""
+    train = {"max_steps": STEPS, "save_steps": 3, "warmup_ratio": 0.05}
+    return tiny_job(model, out, train=train, resources=resources, output={"dir": str(out)})
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen[str]:
@@ -80,34 +66,6 @@ def start(args: list[str], log: Path) -> subprocess.Popen[str]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise SystemExit(f"reliability: timed out after {timeout:.0f} s")
-
-
-def run_dir_of(out: Path) -> Path:
-    (found,) = [p for p in (out / "tiny").iterdir() if p.is_dir()]
-    return found
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Training loss per step (a step logged again after the resume keeps its last value)."""
-    found = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the line being written
-            continue
-        if "loss" in row:
-            found[row["step"]] = row["loss"]
-    return found
 
 
 def adapter(run_dir: Path) -> dict[str, Any]:
@@ -125,7 +83,7 @@ def kill9_and_resume(
     spec.write_text(yaml.safe_dump(job(model, root / "whole", **resources)))
     whole = start(["run", str(spec)], root / "whole.log")
     assert whole.wait() == 0, (root / "whole.log").read_text()[-3000:]
-    reference_dir = run_dir_of(root / "whole")
+    reference_dir = only_run_dir(root / "whole")
     reference, reference_adapter = losses(reference_dir), adapter(reference_dir)
     rng = random.Random(seed)
     trials = []
@@ -135,9 +93,9 @@ def kill9_and_resume(
         kill_at = rng.randint(4, STEPS - 4)
         log = root / f"killed-{trial}.log"
         process = start(["run", str(spec)], log)
-        wait_until(lambda out=out: list(out.glob("tiny/*/metrics.jsonl")), 300)
-        run_dir = run_dir_of(out)
-        wait_until(lambda run_dir=run_dir, kill_at=kill_at: max(losses(run_dir), default=0) >= kill_at, 300)
+        wait_for(lambda out=out: list(out.glob("tiny/*/metrics.jsonl")), 300, "training")
+        run_dir = only_run_dir(out)
+        wait_for(lambda d=run_dir, at=kill_at: max(losses(d), default=0) >= at, 300, f"step {kill_at}")
         tree = process_tree(process.pid)
         for pid in tree:  # kill -9 of every process of the job at once, as a node failure does
             try:
@@ -166,28 +124,17 @@ def kill9_and_resume(
     return {"resources": resources, "steps": STEPS, "trials": trials}
 
 
-def left_running(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            continue
-    return alive
-
-
 def sigterm(root: Path, name: str, args: list[str], started: Callable[[], Any]) -> dict[str, Any]:
     """SIGTERM to the CLI once ``started()`` holds: its exit code and the job's processes left."""
     log = root / f"sigterm-{name}.log"
     process = start(args, log)
-    wait_until(started, 400)
+    wait_for(started, 400, f"{name} to train")
     time.sleep(1.0)
     tree = process_tree(process.pid)
     process.send_signal(signal.SIGTERM)
     code = process.wait(timeout=300)
     time.sleep(1.0)
-    left = left_running(tree)
+    left = processes_left(tree)
     print(f"  SIGTERM {name}: exit {code}, {len(tree)} processes, {len(left)} left", flush=True)
     return {"exit_code": code, "processes": len(tree), "left": len(left)}
 
@@ -243,17 +190,15 @@ def frozen_rank(model: Path, root: Path) -> dict[str, Any]:
     body["train"].update(max_steps=400, save_steps=1000)
     spec.write_text(yaml.safe_dump(body))
     process = start(["run", str(spec)], root / "hang.log")
-    wait_until(lambda: any('"loss"' in f.read_text() for f in out.glob("tiny/*/metrics.jsonl")), 300)
+    wait_for(
+        lambda: any('"loss"' in f.read_text() for f in out.glob("tiny/*/metrics.jsonl")), 300, "training"
+    )
     tree = process_tree(process.pid)
-    (rank_1,) = [
-        p
-        for p in tree
-        if "launcher.train" in psutil.Process(p).cmdline() and psutil.Process(p).environ().get("RANK") == "1"
-    ]
+    rank_1 = rank_pids(tree)["1"]
     frozen = time.monotonic()
     psutil.Process(rank_1).suspend()
-    diagnosis = run_dir_of(out) / "hang" / "diagnosis.txt"
-    wait_until(diagnosis.is_file, 300)
+    diagnosis = only_run_dir(out) / "hang" / "diagnosis.txt"
+    wait_for(diagnosis.is_file, 300, "the diagnosis")
     seconds = time.monotonic() - frozen
     psutil.Process(rank_1).resume()
     code = process.wait(timeout=300)
@@ -262,7 +207,7 @@ def frozen_rank(model: Path, root: Path) -> dict[str, Any]:
         "hang_timeout": 6,
         "seconds_to_diagnosis": seconds,
         "exit_code": code,
-        "left": len(left_running(tree)),
+        "left": len(processes_left(tree)),
         "diagnosis": diagnosis.read_text(),
     }
 

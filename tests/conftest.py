@@ -10,9 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
+from launcher.processes import process_tree
 from launcher.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +80,36 @@ def start_flotilla(*args: str, env: dict[str, str] | None = None, **popen: Any) 
         text=True,
         **popen,
     )
+
+
+def start_training(spec: Path, runs: Path, **popen: Any) -> tuple[subprocess.Popen[str], list[int]]:
+    """``flotilla run spec`` in the background, once it trains (metrics.jsonl under ``runs``, then a
+    second more): the CLI process and every process of its job."""
+    process = start_flotilla("run", str(spec), **popen)
+    wait_for(lambda: list(runs.glob("*/*/metrics.jsonl")), 300, "training to start")
+    time.sleep(1.0)
+    return process, process_tree(process.pid)
+
+
+def processes_left(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie awaiting its parent's wait does not count)."""
+    left = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def rank_pids(job: list[int]) -> dict[str, int]:
+    """RANK -> PID of every training process (``python -m launcher.train``) among ``job``."""
+    return {
+        psutil.Process(pid).environ().get("RANK", "0"): pid
+        for pid in job
+        if "launcher.train" in psutil.Process(pid).cmdline()
+    }
 
 
 def tiny_job(model_dir: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from safetensors.numpy import load_file
@@ -27,7 +26,7 @@ from federated.spec import load_federation
 from federated.strategy.aggregation import Update, fedavg
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.processes import process_tree
-from tests.conftest import REPO, start_flotilla, wait_for
+from tests.conftest import REPO, processes_left, start_flotilla, wait_for
 
 ROUNDS, LOCAL_STEPS = 3, 6
 HONEST = ("site_a", "site_b", "site_c")
@@ -174,7 +173,5 @@ def test_a_stop_signal_ends_the_simulation_with_its_ray_and_leaves_no_process(tm
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == REQUEUE_EXIT_CODE, log.read_text()[-3000:]
     assert "flotilla fed simulate" in " ".join(log.read_text().split())  # how to resume
-    left = [
-        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
+    left = processes_left(job)
     assert left == [], f"processes of the simulation left running: {left}"

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
@@ -32,6 +31,7 @@ from tests.conftest import (
     loss_log,
     losses,
     only_run_dir,
+    processes_left,
     start_flotilla,
     tiny_job,
     wait_for,
@@ -281,9 +281,7 @@ def test_a_stop_signal_checkpoints_the_workers_and_stops_the_private_ray(
     checkpoints = list((run_dir / "checkpoints").glob("checkpoint-*/flotilla-checkpoint.json"))
     assert len(checkpoints) == 1, log.read_text()[-4000:]
     assert not (run_dir / "summary.json").exists()
-    left = [
-        pid for pid in job if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    ]
+    left = processes_left(job)
     assert left == [], f"processes of the job left running: {left}"
 
 

@@ -32,9 +32,15 @@ from launcher.atomic import write_json_atomic
 from launcher.errors import RUNTIME_FAILURE_EXIT_CODE
 from launcher.rundir import HANG_DIAGNOSIS, HANG_FOLDER
 
-#: Where a main thread waiting for its peers sits: a collective, a barrier, a store, or backward
-#: (DDP and ZeRO all-reduce gradients from autograd hooks, below any Python frame of their own).
-COLLECTIVE_MARKERS = ("torch/distributed/", "deepspeed/comm/", "torch/autograd/")
+#: Where a main thread waiting for its peers sits: a collective, a barrier, a store, backward (DDP
+#: and ZeRO all-reduce gradients from autograd hooks, below any Python frame of their own), or DDP's
+#: own module (its buffer broadcast before each forward).
+COLLECTIVE_MARKERS = (
+    "torch/distributed/",
+    "deepspeed/comm/",
+    "torch/autograd/",
+    "torch/nn/parallel/distributed.py",
+)
 
 
 class HangWatchdog(TrainerCallback):
