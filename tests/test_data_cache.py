@@ -85,25 +85,25 @@ def test_two_processes_at_once_prepare_the_data_once(tiny_llama: Path, tmp_path:
     assert not list((tmp_path / "runs" / ".flotilla-cache" / "data").glob("*.staging-*")), "no staging left"
 
 
-def _jsonl_with_bad_line(path: Path) -> tuple[Path, int, str]:
+def _jsonl_with_bad_line(path: Path) -> tuple[Path, str, str]:
     items = [json.dumps(item) for item in rows(ROWS)]
     items[DEEP - 1] = '{"prompt": "cut off'
     path.write_text("\n".join(items) + "\n", encoding="utf-8")
-    return path, DEEP, "invalid JSON"
+    return path, f"{path}:{DEEP}", "invalid JSON"
 
 
-def _csv_with_missing_field(path: Path) -> tuple[Path, int, str]:
+def _csv_with_missing_field(path: Path) -> tuple[Path, str, str]:
     frame = pd.DataFrame(rows(ROWS))
     frame.loc[DEEP - 1, "response"] = None
     frame.to_csv(path, index=False)
-    return path, DEEP + 1, "field 'response' must be a string"  # line 1 is the header
+    return path, f"{path}:{DEEP + 1}", "field 'response' must be a string"  # line 1 is the header
 
 
-def _parquet_with_null(path: Path) -> tuple[Path, int, str]:
+def _parquet_with_null(path: Path) -> tuple[Path, str, str]:
     frame = pd.DataFrame(rows(ROWS))
     frame.loc[DEEP - 1, "response"] = None
     frame.to_parquet(path)
-    return path, DEEP, "field 'response' must be a string"
+    return path, f"{path}: row {DEEP}", "field 'response' must be a string"  # rows, not lines
 
 
 @pytest.mark.parametrize(
@@ -113,11 +113,11 @@ def _parquet_with_null(path: Path) -> tuple[Path, int, str]:
 def test_a_bad_row_deep_inside_a_large_file_is_named_by_file_and_line(
     make, suffix: str, tmp_path: Path
 ) -> None:
-    path, line, needle = make(tmp_path / f"train.{suffix}")
+    path, where, needle = make(tmp_path / f"train.{suffix}")
     with pytest.raises(DataError) as caught:
         list(SourceReader(str(path), "instruction", FieldMap(), "error"))
-    assert f"{path}:{line}: {needle}" in str(caught.value)
+    assert f"{where}: {needle}" in str(caught.value)
     skipped = SourceReader(str(path), "instruction", FieldMap(), "skip")
     assert sum(1 for _ in skipped) == ROWS - 1
     assert skipped.bad_rows == 1 and skipped.rows_read == ROWS
-    assert skipped.bad_row_examples[0].startswith(f"{path}:{line}: {needle}")
+    assert skipped.bad_row_examples[0].startswith(f"{where}: {needle}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,14 +37,14 @@ class SourceReader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         usable = 0
-        for line, row in _read_raw(self.path, self.split):
+        for where, row in _read_raw(self.path, self.split):
             self.rows_read += 1
             try:
                 if isinstance(row, Exception):
                     raise row
                 normalised = normalise_row(row, self.fmt, self.fields)
             except ValueError as exc:
-                self._bad(f"{self.path}:{line}: {exc}")
+                self._bad(f"{where}: {exc}")
                 continue
             usable += 1
             yield normalised
@@ -60,8 +60,12 @@ class SourceReader:
             self.bad_row_examples.append(message)
 
 
-def _read_raw(path: str, split: str) -> Iterator[tuple[int, Any]]:
-    """(line number, row or parse error) for every row of the file, streamed."""
+def _read_raw(path: str, split: str) -> Iterator[tuple[str, Any]]:
+    """(where, row or parse error) for every row of the file, streamed.
+
+    ``where`` is ``file:line`` for text files (an editor jumps there) and ``file: row N`` (1-based)
+    for Parquet, hub datasets and JSON arrays, whose rows are not lines.
+    """
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix in {".jsonl", ".json", ".csv", ".parquet", ".pq"} and not file.is_file():
@@ -69,34 +73,33 @@ def _read_raw(path: str, split: str) -> Iterator[tuple[int, Any]]:
     if suffix in {".jsonl", ".json"}:
         return _read_jsonl(file)
     if suffix == ".csv":
-        return _decoded(_load_with_datasets("csv", path), path, first=2)
+        return _decoded(_load_with_datasets("csv", path), lambda n: f"{path}:{n + 1}")
     if suffix in {".parquet", ".pq"}:
-        return _decoded(_load_with_datasets("parquet", path), path, first=1)
+        return _decoded(_load_with_datasets("parquet", path), _row_of(path))
     if file.exists():
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .csv or .parquet")
-    return _decoded(_load_hub(path, split), path, first=1)
+    return _decoded(_load_hub(path, split), _row_of(path))
 
 
-def _numbered(rows: Iterable[dict[str, Any]], first: int) -> Iterator[tuple[int, Any]]:
-    for index, row in enumerate(rows):
-        yield index + first, row
+def _row_of(path: str) -> Callable[[int], str]:
+    return lambda number: f"{path}: row {number}"
 
 
-def _decoded(rows: Iterable[dict[str, Any]], path: str, first: int) -> Iterator[tuple[int, Any]]:
-    """Numbered rows of a dataset; a row that cannot be decoded (a damaged page) names its row."""
-    iterator, number = iter(rows), first
+def _decoded(rows: Iterable[dict[str, Any]], where: Callable[[int], str]) -> Iterator[tuple[str, Any]]:
+    """Rows of a dataset with where each is; a row that cannot be decoded (a damaged page) names its row."""
+    iterator, number = iter(rows), 1
     while True:
         try:
             row = next(iterator)
         except StopIteration:
             return
         except Exception as exc:  # Arrow raises several types while decoding a damaged file
-            raise DataError(f"{path}:{number}: cannot decode this row: {_root_cause(exc)}") from None
-        yield number, row
+            raise DataError(f"{where(number)}: cannot decode this row: {_root_cause(exc)}") from None
+        yield where(number), row
         number += 1
 
 
-def _read_jsonl(file: Path) -> Iterator[tuple[int, Any]]:
+def _read_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
     """Line by line (a JSON array file is parsed whole): memory follows one line, not the file."""
     if file.suffix.lower() == ".json" and _starts_with_bracket(file):
         try:
@@ -105,21 +108,23 @@ def _read_jsonl(file: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{file}: not UTF-8 text ({exc})") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg})") from None
-        yield from _numbered(items, first=1)
+        where = _row_of(str(file))
+        for number, item in enumerate(items, start=1):
+            yield where(number), item
         return
     with file.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:  # a bad row like any other: skipped and counted, or named
-                yield number, ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+                yield f"{file}:{number}", ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start})")
                 continue
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield f"{file}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
-                yield number, ValueError(f"invalid JSON ({exc.msg})")
+                yield f"{file}:{number}", ValueError(f"invalid JSON ({exc.msg})")
 
 
 def _starts_with_bracket(file: Path) -> bool:
