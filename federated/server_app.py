@@ -246,6 +246,8 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["frozen-lora-a"] = True
     if fed.local.keep_local:
         config["keep-local"] = list(fed.local.keep_local)
+    if tau := fed.local.logit_adjustment_for(fed.model.task):
+        config["logit-adjustment"] = tau
     if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it
         config["proximal-mu"] = fed.strategy.proximal_mu
     if fed.privacy.dp is not None and fed.privacy.dp.side == "client":

@@ -55,6 +55,16 @@ class LocalTraining(Section):
     #: replaced by the global ones: ``[lora_B]`` is FedSA-LoRA (A shared, B per site), ``[classifier]``
     #: a head per site. Each site's own model is then its personalised one, evaluated on its own rows.
     keep_local: list[str] = Field(default_factory=list)
+    #: Classification under label skew: each site trains with its logits adjusted by tau * log(its own
+    #: label shares) (``train.logit_adjustment``, FedLC-style calibration). Default 1 for
+    #: sequence_classification (it paid at every skew measured: bench/RESULTS.md); 0 turns it off.
+    logit_adjustment: NonNegativeFloat | None = None
+
+    def logit_adjustment_for(self, task: str) -> float:
+        """The tau every site trains with for ``task``: the spec's, else 1 for classification."""
+        if self.logit_adjustment is not None:
+            return self.logit_adjustment
+        return 1.0 if task == "sequence_classification" else 0.0
 
     def lr_scale(self, server_round: int, rounds: int) -> float:
         """The factor on the sites' learning rate in ``server_round`` (1-based) of ``rounds``."""
@@ -257,6 +267,8 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
         problems.append(
             ("labels", "sequence_classification needs the label names (same order at every site)")
         )
+    if local.logit_adjustment and spec.model.task != "sequence_classification":
+        problems.append(("local.logit_adjustment", "only applies to model.task='sequence_classification'"))
     if spec.peft.method != "lora":
         problems.append(("peft.method", "federated fine-tuning exchanges LoRA adapters only: use 'lora'"))
     secagg, dp = spec.privacy.secagg, spec.privacy.dp

@@ -46,6 +46,7 @@ class RoundOrder:
     lr_scale: float = 1.0
     frozen_lora_a: bool = False
     keep_local: list[str] = field(default_factory=list)
+    logit_adjustment: float = 0.0
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -62,6 +63,7 @@ class RoundOrder:
             lr_scale=float(config.get("lr-scale", 1.0)),
             frozen_lora_a=bool(config.get("frozen-lora-a", False)),
             keep_local=[str(pattern) for pattern in config.get("keep-local", [])],
+            logit_adjustment=float(config.get("logit-adjustment", 0.0)),
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
@@ -143,10 +145,12 @@ def _overrides(order: RoundOrder, init_dir: Path, work_dir: Path) -> list[str]:
     )
     labels = [f"data.labels={json.dumps(order.labels)}"] if order.labels else []
     frozen = ["peft.freeze_lora_a=true"] if order.frozen_lora_a else []
+    adjusted = [f"train.logit_adjustment={order.logit_adjustment}"] if order.logit_adjustment else []
     return [
         *budget,
         *labels,
         *frozen,
+        *adjusted,
         f"peft.init_from={init_dir}",
         f"seed={order.seed + order.server_round}",
         "eval.at_start=true",

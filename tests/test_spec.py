@@ -91,6 +91,7 @@ def test_overrides_apply_and_are_validated() -> None:
             "eval_loss is better when lower: use mode: min",
         ),
         ({"data": {"train": "x", "labels": ["a", "a"]}}, "data.labels"),
+        ({"train": {"logit_adjustment": 1.0}}, "train.logit_adjustment"),
     ],
 )
 def test_cross_field_rules(change: dict, needle: str) -> None:

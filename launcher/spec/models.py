@@ -149,6 +149,9 @@ class TrainSpec(Section):
     save_total_limit: PositiveInt = 3
     early_stopping: EarlyStopping | None = None
     optimizer: Literal["adamw_torch"] = "adamw_torch"
+    #: Classification under label imbalance: training adds tau * log(label share of the training rows)
+    #: to the logits (logit-adjusted loss); evaluation and the saved model use plain logits. 0 is off.
+    logit_adjustment: NonNegativeFloat = 0.0
 
 
 class EvalSpec(Section):

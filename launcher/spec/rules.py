@@ -65,6 +65,8 @@ def _task_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("eval.metrics", f"{sorted(wrong)} do not apply to model.task={spec.model.task!r}"))
     if spec.model.num_labels is not None and not classification:
         problems.append(("model.num_labels", "only applies to model.task='sequence_classification'"))
+    if spec.train.logit_adjustment and not classification:
+        problems.append(("train.logit_adjustment", "only applies to model.task='sequence_classification'"))
     labels = spec.data.labels
     if labels is not None and not classification:
         problems.append(("data.labels", "only applies to model.task='sequence_classification'"))

@@ -42,6 +42,7 @@ from launcher.spec import JobSpec
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
 from launcher.train.checkpoint import latest_verified_checkpoint, save_verified
 from launcher.train.generation_metrics import generation_metrics
+from launcher.train.logit_adjustment import adjust_logits_in_training, label_log_prior
 from launcher.train.metrics import classification_metrics, is_task_metric
 from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
@@ -100,6 +101,9 @@ def run_training(
         _write_data_report(run_dir, data, say)
         write_manifest(run_dir, spec.seed, data.fingerprints, {"world_size": plan.world_size})
     model, unfreeze = build_model(spec, data.labels, tokenizer)
+    if spec.train.logit_adjustment and data.labels:
+        prior = label_log_prior(data.train["labels"], len(data.labels))
+        adjust_logits_in_training(model, spec.train.logit_adjustment * prior)
     trainable, total = count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
