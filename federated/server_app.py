@@ -10,6 +10,7 @@ A restarted server resumes after the last committed round. Flower itself has no 
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -92,7 +93,8 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
     model = GlobalModel.build(fed.model, fed.peft, fed.labels, fed.seed)
     _write_run_files(work_dir, fed)
     enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
-    strategy = build_strategy(fed, sampled_sites=max(fed.expected_sites(), len(enrolled)))
+    per_round = fed.sites_per_round or max(fed.expected_sites(), len(enrolled))
+    strategy = build_strategy(fed, sampled_sites=per_round)
     announce = _announcer(fed, strategy)
     done = store.last_completed()
     if done is None:
@@ -190,6 +192,8 @@ def _run_round(
     if fed.privacy.secagg is not None:
         return _secagg_round(grid, context, fed, announce, arrays, rnd, names, enrolled)
     record = to_record(arrays)
+    if fed.sites_per_round is not None:  # Flower samples with the random module: seeded per round
+        random.seed(f"{fed.seed}-{rnd}")
     messages = list(strategy.configure_train(rnd, record, ConfigRecord(round_config(fed, rnd)), grid))
     for message in messages:
         message.content["config"].update(announce(len(messages)))

@@ -174,6 +174,9 @@ class FederationSpec(Section):
     #: Sites that must be connected before the first round of a new federation (default min_sites):
     #: the consortium joins first, later rounds go on with whoever answers (at least min_sites).
     start_sites: PositiveInt | None = None
+    #: Client sampling: each round trains this many of the connected sites, drawn at random
+    #: (seeded by ``seed`` and the round); default every connected site.
+    sites_per_round: PositiveInt | None = None
     round_timeout: PositiveFloat = 3600.0
     local: LocalTraining = Field(default_factory=LocalTraining)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
@@ -210,7 +213,9 @@ class FederationSpec(Section):
         return withheld(key, self.peft.freeze_lora_a, self.local.keep_local)
 
     def expected_sites(self) -> int:
-        """Sites expected per round: all listed sites, else ``min_sites``."""
+        """Sites expected per round: ``sites_per_round``, else all listed sites, else ``min_sites``."""
+        if self.sites_per_round is not None:
+            return self.sites_per_round
         return max(len(self.sites), self.min_sites)
 
 
@@ -261,6 +266,13 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
         problems.append(("local", "give one of local.steps and local.epochs, not both"))
     if spec.start_sites is not None and spec.start_sites < spec.min_sites:
         problems.append(("start_sites", f"{spec.start_sites} is fewer than min_sites={spec.min_sites}"))
+    sampled = spec.sites_per_round
+    if sampled is not None and sampled < spec.min_sites:
+        problems.append(("sites_per_round", f"{sampled} is fewer than min_sites={spec.min_sites}"))
+    if sampled is not None and spec.sites and sampled > len(spec.sites):
+        problems.append(("sites_per_round", f"{sampled} is more than the {len(spec.sites)} listed sites"))
+    if sampled is not None and spec.privacy.secagg is not None:
+        problems.append(("sites_per_round", "SecAgg+ rounds include every connected site: leave it unset"))
     if spec.sites and spec.min_sites > len(spec.sites):
         problems.append(("min_sites", f"{spec.min_sites} is more than the {len(spec.sites)} listed sites"))
     if spec.model.task == "sequence_classification" and not spec.labels:

@@ -175,3 +175,19 @@ def test_a_stop_signal_ends_the_simulation_with_its_ray_and_leaves_no_process(tm
     assert "flotilla fed simulate" in " ".join(log.read_text().split())  # how to resume
     left = processes_left(job)
     assert left == [], f"processes of the simulation left running: {left}"
+
+
+def test_client_sampling_trains_the_asked_number_of_sites_each_round(tmp_path: Path) -> None:
+    """``sites_per_round: 2`` of 3: every round sends to and aggregates exactly 2 sites, and a site
+    left out of a round trains nothing in it."""
+    fed = load_federation(
+        REPO / "configs" / "federated.yaml",
+        ["rounds=3", "local.steps=1", "min_sites=2", "sites_per_round=2", f"output={tmp_path}"],
+    )
+    simulate(fed, tmp_path / fed.name)
+    store = RoundStore(tmp_path / fed.name)
+    for row in store.rows()[1:]:
+        trained = {s["site"] for s in row["sites"] if s["status"] == "accepted"}
+        assert len(row["sites"]) == 2 and len(trained) == 2, row["sites"]
+        for site in set(HONEST) - trained:
+            assert not (store.work_dir / "sites" / site / f"round-{row['round']:03d}").exists()

@@ -70,6 +70,12 @@ def test_spec_errors_name_the_key_and_what_is_allowed(write_spec: Any) -> None:
     with pytest.raises(SpecError) as sites:
         fed_spec(write_spec, min_sites=4)
     assert "min_sites" in str(sites.value)
+    for sampled, needle in ((2, "fewer than min_sites=3"), (4, "more than the 3 listed sites")):
+        with pytest.raises(SpecError) as sampling:
+            fed_spec(write_spec, sites_per_round=sampled)
+        assert f"sites_per_round: {sampled} is {needle}" in str(sampling.value)
+    strategy = build_strategy(fed_spec(write_spec, min_sites=2, sites_per_round=2))
+    assert strategy.min_train_nodes == 2 and int(3 * strategy.fraction_train) == 0
 
 
 @pytest.mark.parametrize(

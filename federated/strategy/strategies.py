@@ -86,10 +86,13 @@ def build_strategy(fed: FederationSpec, sampled_sites: int | None = None) -> Str
     ``sampled_sites``: how many updates every round aggregates, which DP noise is sized for
     (default: the listed sites, at least ``min_sites``; the server passes the enrolled sites too)."""
     choice = fed.strategy
+    sampled = fed.sites_per_round
     common: dict[str, Any] = {
-        "fraction_train": 1.0,
+        # Flower trains max(int(connected x fraction_train), min_train_nodes) sites a round: with
+        # sites_per_round, a fraction that rounds to 0 makes min_train_nodes the exact count.
+        "fraction_train": 1.0 if sampled is None else 1e-9,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": fed.min_sites,
+        "min_train_nodes": fed.min_sites if sampled is None else sampled,
         "min_evaluate_nodes": 0,
         "min_available_nodes": fed.min_sites,
     }
