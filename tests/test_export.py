@@ -207,3 +207,26 @@ def only_tokenizer(folder: Path) -> Path:
     target = folder / "tokenizer"
     load_tokenizer(ModelSpec(path="smollm2-135m-instruct")).save_pretrained(target)
     return target
+
+
+def test_the_bundled_smollm2_round_trips_through_gguf(tmp_path: Path) -> None:
+    """The real SmolLM2-135M (no training: the GGUF writer is what is under test) within both bounds."""
+    from launcher.model import load_model, load_tokenizer
+    from launcher.spec import ModelSpec
+    from launcher.train.export import logits_of, max_abs_diff, probe_inputs
+    from launcher.train.gguf_export import write_gguf
+
+    spec = ModelSpec(path="smollm2-135m-instruct")
+    model, tokenizer = load_model(spec).eval(), load_tokenizer(spec)
+    tokenizer.save_pretrained(tmp_path)
+    probes = probe_inputs(tokenizer, "causal_lm")
+    reference = logits_of(model, probes)
+    scale = max(1.0, max(r.abs().max().item() for r in reference))
+    for quant in ("f16", "q8_0"):
+        folder = tmp_path / quant
+        folder.mkdir()
+        write_gguf(model, tokenizer, tmp_path, folder / "smollm2.gguf", quant)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file="smollm2.gguf", dtype=torch.float32)
+        diff = max_abs_diff(reference, logits_of(loaded.eval(), probes))
+        assert diff <= GGUF_TOLERANCES[quant] * scale, (quant, diff, scale)
+        print(f"smollm2 {quant}: max abs logit diff {diff:.3g} (largest |logit| {scale:.3g})")
