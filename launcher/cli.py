@@ -1,4 +1,4 @@
-"""``flotilla``: validate | preprocess | plan | run | submit | status | logs | cancel | eval | report.
+"""``flotilla``: validate | preprocess | plan | run | submit | status | logs | cancel | eval | export | report.
 
 Thin: parses arguments, calls the layers below, prints. Bad input ends with a message, never a traceback.
 """
@@ -257,6 +257,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge a run's LoRA adapter into its base model (and write a GGUF file), verified."""
+    if not args.merge:
+        raise FlotillaError(
+            "flotilla export needs --merge (merging the LoRA adapter is the only export so far)"
+        )
+    if args.quant and not args.gguf:
+        raise FlotillaError("--quant applies to --gguf only")
+    from launcher.train import export_run  # torch and transformers: only for this command
+
+    result = export_run(
+        Path(args.target),
+        Path(args.out) if args.out else None,
+        (args.quant or "f16") if args.gguf else None,
+        force=args.force,
+    )
+    out.print(
+        f"merged model: {result.out} (logits within {result.merge_max_abs_diff:.2g} of base + adapter on "
+        f"{result.probes} probes; allowed {result.merge_tolerance:g})",
+        soft_wrap=True,
+    )
+    if result.labels:
+        out.print(f"labels: {', '.join(result.labels)}", soft_wrap=True)
+    if result.gguf_file:
+        out.print(
+            f"GGUF ({result.gguf_quant}): {result.gguf_file} (logits within {result.gguf_max_abs_diff:.2g} of "
+            f"the merged model; allowed {result.gguf_tolerance:.2g})",
+            soft_wrap=True,
+        )
+    return 0
+
+
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     from launcher.train import write_report  # the train layer imports torch: only for this command
@@ -342,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--generate", type=int, default=0, metavar="N", help="causal LM: ROUGE-L/BLEU on N generated answers"
     )
+
+    p = sub.add_parser("export", help="merge a run's LoRA adapter into its base model, verified")
+    p.add_argument("target", help="run directory or adapter folder")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument("--out", help="output folder (default: <run dir>/export)")
+    p.add_argument("--gguf", action="store_true", help="also write a GGUF file (Llama architecture)")
+    p.add_argument("--quant", choices=["f16", "q8_0"], help="GGUF weight type (default f16)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
     p = sub.add_parser("report", help="summary of a finished run")
     p.add_argument("run_dir")

@@ -2,7 +2,7 @@
 
 Exit codes of every Flotilla command and training process:
 0 finished; 1 a runtime failure (a process, daemon or engine failed); 2 bad input (spec, data, paths,
-arguments: fix it, a retry cannot help); 3 a checkpoint or adapter failed its save verification;
+arguments: fix it, a retry cannot help); 3 a checkpoint, adapter or export failed its verification;
 85 stopped on a signal after a checkpoint, "requeue me".
 """
 
@@ -45,6 +45,12 @@ class CheckpointError(FlotillaError):
 
     exit_code = VERIFICATION_FAILED_EXIT_CODE
     retryable = True
+
+
+class ExportError(FlotillaError):
+    """An exported model, reloaded from disk, does not match the model it was exported from."""
+
+    exit_code = VERIFICATION_FAILED_EXIT_CODE
 
 
 class BackendError(FlotillaError):

@@ -10,10 +10,13 @@ from __future__ import annotations
 from launcher.train.checkpoint import save_verified
 from launcher.train.core import run_training
 from launcher.train.evaluate import evaluate_target
+from launcher.train.export import ExportResult, export_run
 from launcher.train.report import write_report
 
 __all__ = [
+    "ExportResult",
     "evaluate_target",
+    "export_run",
     "run_training",
     "save_verified",
     "write_report",

@@ -323,7 +323,8 @@ def save_artifact(trainer: FlotillaTrainer, spec: JobSpec, run_dir: Path, tokeni
         with gathered([p for p in model.parameters() if p.requires_grad], zero3):
             if trainer.args.should_save:
                 expected = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-                save_verified(_saver(model, tokenizer), expected, weights, target)
+                labels = spec.model.task == "sequence_classification"
+                save_verified(_saver(model, tokenizer, labels=labels), expected, weights, target)
     else:
         target, weights = run_dir / "model", "model.safetensors"
         state = consolidated_state_dict(trainer) if zero3 else None
@@ -334,12 +335,30 @@ def save_artifact(trainer: FlotillaTrainer, spec: JobSpec, run_dir: Path, tokeni
     return target
 
 
-def _saver(model: PreTrainedModel, tokenizer: Any, state: dict[str, torch.Tensor] | None = None) -> Any:
+def _saver(
+    model: PreTrainedModel, tokenizer: Any, state: dict[str, torch.Tensor] | None = None, labels: bool = False
+) -> Any:
+    """Save the model and tokenizer; with ``labels``, the label names beside them (labels.json): an
+    adapter folder has no config.json to hold a classifier's id2label."""
+
     def save(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(folder)
+        if labels:
+            write_labels(folder, model.config.id2label)
 
     return save
+
+
+def write_labels(folder: Path, id2label: dict[int, str]) -> None:
+    """``labels.json``: the label names in index order, and both mappings as transformers spells them."""
+    names = [id2label[i] for i in sorted(id2label)]
+    payload = {
+        "labels": names,
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
+    (folder / "labels.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def _untied_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
