@@ -141,7 +141,30 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[
         "final": rows[-1]["server_eval"],
         "bytes_up_per_site_round": max(up) if up else 0,
         "seconds": time.time() - started,
+        "global_adapter": str(RoundStore(out / fed.name).adapter_dir(fed.rounds)),
     }
+
+
+def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[str, float]:
+    """Each site fine-tunes the final global adapter on its own rows (plain loss, ``steps`` steps):
+    its accuracy on its own held-out rows (the personalised model of "FedAvg, then fine-tune")."""
+    from bench.fed_quality import train_and_evaluate
+
+    tuned: dict[str, float] = {}
+    for site in bench.sites:
+        (own,) = train_and_evaluate(
+            bench.site_spec(site),
+            [
+                f"output.dir={out}",
+                "eval.at_start=false",
+                f"train.max_steps={steps}",
+                f"peft.init_from={adapter}",
+                "train.logit_adjustment=0",
+            ],
+            str(bench.site_test(site)),
+        )
+        tuned[site] = _accuracy(own)
+    return tuned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         default="pooled,local",
         help="which of pooled, local (each site alone), local+logit-adjust (each site alone with "
         "train.logit_adjustment=1) to train; '' for none",
+    )
+    parser.add_argument(
+        "--fine-tune-steps",
+        type=int,
+        default=0,
+        help="then each site fine-tunes the final global adapter for this many steps on its own rows",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -220,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{baseline}: " + ", ".join(f"{s} {_accuracy(v['shared_test']):.4f}" for s, v in local.items()))
     for name in [name for name in args.variants.split(",") if name]:
         results["variants"][name] = run_variant(bench, name, VARIANTS[name], out / "federations")
+        if args.fine_tune_steps and name not in PERSONALISED:
+            variant = results["variants"][name]
+            variant["own_test_fine_tuned"] = fine_tune_locally(
+                bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned"
+            )
         if args.json:  # kept after every variant: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     print_table(results)
@@ -265,6 +299,11 @@ def print_table(results: dict[str, Any]) -> None:
 def print_personalised(results: dict[str, Any]) -> None:
     """Each site on its own held-out rows: alone, the global model, each personalised variant."""
     variants = results["variants"]
+    tuned = {
+        f"{n} + fine-tune": v["own_test_fine_tuned"]
+        for n, v in variants.items()
+        if "own_test_fine_tuned" in v
+    }
     personal = [name for name in PERSONALISED if name in variants]
     shared = [
         name
@@ -272,15 +311,17 @@ def print_personalised(results: dict[str, Any]) -> None:
         if name not in PERSONALISED
         and all(v is not None for v in variant.get("own_test_received", {None: None}).values())
     ]
-    if not personal or "local_only" not in results or not shared:
+    if not (personal or tuned) or "local_only" not in results or not shared:
         return
     reference = shared[0]
     print(
         f"\nEach site on its own held-out rows; global = the {reference} model a site received in the last round"
     )
-    print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in personal))
+    columns = [*personal, *tuned]
+    print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in columns))
     for site, local in results["local_only"].items():
         cells = [variants[n]["own_test_after_local"].get(site) for n in personal]
+        cells += [accuracies[site] for accuracies in tuned.values()]
         print(
             f"{site:<10} {_accuracy(local['own_test']):>7.4f} {variants[reference]['own_test_received'][site]:>7.4f} "
             + " ".join(f"{c:>14.4f}" for c in cells)
