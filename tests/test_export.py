@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.train.export import GGUF_TOLERANCES, MERGE_TOLERANCE
+from launcher.train.export import GGUF_TOLERANCES, MERGE_TOLERANCE, logits_of, max_abs_diff
 from tests.conftest import DATA, flotilla, only_run_dir, tiny_job
 
 #: Rows of the run's own training data, tokenized, as probes independent of the export's own.
@@ -48,13 +48,8 @@ def probe_rows(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     return [dict(tokenizer(f"{row['prompt']}\n{row['response']}", return_tensors="pt")) for row in rows]
 
 
-@torch.no_grad()
 def logits(model: Any, probes: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    return [model.eval()(**probe).logits.float() for probe in probes]
-
-
-def max_diff(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
+    return logits_of(model.eval(), probes)
 
 
 def assert_clear_error(result: Any, code: int, *fragments: str) -> None:
@@ -84,8 +79,8 @@ def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter(
     base_logits = logits(base, probes)
     adapted = logits(PeftModel.from_pretrained(base, lora_run / "adapter"), probes)
     exported = logits(merged, probes)
-    assert max_diff(exported, adapted) <= MERGE_TOLERANCE
-    assert max_diff(exported, base_logits) > 100 * MERGE_TOLERANCE  # the adapter is in the weights
+    assert max_abs_diff(exported, adapted) <= MERGE_TOLERANCE
+    assert max_abs_diff(exported, base_logits) > 100 * MERGE_TOLERANCE  # the adapter is in the weights
     assert (
         tokenizer.chat_template
         and tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
@@ -122,7 +117,7 @@ def test_gguf_loads_back_through_transformers_within_its_bound(
     probes = probe_rows(tokenizer)
     merged = logits(AutoModelForCausalLM.from_pretrained(out), probes)
     scale = max(1.0, max(m.abs().max().item() for m in merged))
-    diff = max_diff(logits(loaded, probes), merged)
+    diff = max_abs_diff(logits(loaded, probes), merged)
     assert diff <= GGUF_TOLERANCES[quant] * scale, (diff, scale)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     assert gguf_tokenizer.chat_template == tokenizer.chat_template

@@ -80,7 +80,7 @@ def export_run(
         result = _write_verified(merged, tokenizer, spec, probes, reference, staging, out)
         result.labels = labels
         if gguf_quant:
-            _write_gguf_verified(merged, tokenizer, staging, out, f"{spec.name}-{gguf_quant}", probes, result)
+            _write_gguf_verified(merged, tokenizer, staging, out, spec.name, gguf_quant, probes, result)
         (staging / RECORD).write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
         if out.exists():  # --force: replaced only once the new export is verified
             shutil.rmtree(out)
@@ -192,7 +192,8 @@ def _write_gguf_verified(
     tokenizer: Any,
     staging: Path,
     out: Path,
-    stem: str,
+    job: str,
+    quant: str,
     probes: list[dict[str, torch.Tensor]],
     result: ExportResult,
 ) -> None:
@@ -200,8 +201,7 @@ def _write_gguf_verified(
     tokenizer_config.json beside it), load it back through transformers' GGUF loader, compare."""
     folder = staging / "gguf"
     folder.mkdir()
-    quant = stem.rpartition("-")[2]
-    name = f"{stem}.gguf"
+    name = f"{job}-{quant}.gguf"
     write_gguf(merged, tokenizer, staging, folder / name, quant)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     reference = logits_of(merged, probes)
