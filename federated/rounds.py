@@ -91,3 +91,22 @@ class RoundStore:
     def write_payload(self, server_round: int, payload: dict[str, Any]) -> None:
         """What the server received from each site this round (no values, only names and sizes)."""
         write_json_atomic(self.work_dir / "payload" / f"round-{server_round:03d}.json", payload)
+
+
+def tracked_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A round's metrics row as tracker scalars: ``server/<metric>`` (the global adapter on the server's
+    held-out data), ``site/<name>/<metric>`` (each accepted site's own), and the round's totals."""
+    metrics = {f"server/{k}": v for k, v in row.get("server_eval", {}).items()}
+    sites = row.get("sites", [])
+    for site in sites:
+        if site.get("status") == "accepted":
+            metrics.update({f"site/{site['site']}/{k}": v for k, v in site.get("metrics", {}).items()})
+    if sites:
+        metrics["round/accepted_sites"] = sum(s.get("status") == "accepted" for s in sites)
+        metrics["round/bytes_up"] = sum(s.get("bytes_up", 0) for s in sites)
+    if "seconds" in row:
+        metrics["round/seconds"] = row["seconds"]
+    epsilon = (row.get("privacy") or {}).get("epsilon")
+    if epsilon is not None:
+        metrics["round/epsilon"] = epsilon
+    return metrics

@@ -27,7 +27,7 @@ from flwr.supercore import log  # Flower's logger: shown in simulation and by `f
 from federated.adapters import GlobalModel, complete_from, from_record, record_bytes, to_record
 from federated.fingerprints import base_model_sha256, code_sha256
 from federated.policy import POLICY_REFUSED, announcement
-from federated.rounds import RoundStore
+from federated.rounds import RoundStore, tracked_metrics
 from federated.sites import site_names, wait_for_sites
 from federated.spec import FederationSpec
 from federated.strategy import (
@@ -48,7 +48,7 @@ from launcher.atomic import write_json_atomic
 from launcher.errors import RUNTIME_FAILURE_EXIT_CODE, FlotillaError
 from launcher.plan import build_plan
 from launcher.spec import JobSpec
-from launcher.train import evaluate_target
+from launcher.train import Trackers, evaluate_target, open_trackers
 
 #: Run-config keys the deployed ServerApp reads (``flotilla fed server`` sets them).
 RUN_CONFIG_SPEC = "federation"
@@ -95,8 +95,31 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
     enrolled = site_names(work_dir)  # node id -> the name enrolled with its key (empty in simulation)
     per_round = fed.sites_per_round or max(fed.expected_sites(), len(enrolled))
     strategy = build_strategy(fed, sampled_sites=per_round)
-    announce = _announcer(fed, strategy)
     done = store.last_completed()
+    params = fed.model_dump(mode="json", exclude={"tracking"})
+    resume_after = None if done is None else done + 1
+    trackers = open_trackers(fed.tracking, work_dir, params, fed.name, resume_step=resume_after)
+    with trackers:  # a federation that fails closes its tracker run as FAILED
+        _run_rounds(grid, context, fed, work_dir, store, model, strategy, trackers, done, enrolled)
+    last = store.adapter_dir(store.last_completed() or 0)
+    artifacts = [work_dir / n for n in ("federation.json", "summary.json", "rounds.jsonl")] + [last]
+    trackers.finish(artifacts)
+
+
+def _run_rounds(
+    grid: Grid,
+    context: Context,
+    fed: FederationSpec,
+    work_dir: Path,
+    store: RoundStore,
+    model: GlobalModel,
+    strategy: Strategy,
+    trackers: Trackers,
+    done: int | None,
+    enrolled: dict[int, str],
+) -> None:
+    """Every round after ``done`` (None: a fresh work dir, round 0 first), each logged to ``trackers``."""
+    announce = _announcer(fed, strategy)
     if done is None:
         arrays = model.arrays()
         model.save(arrays, store.adapter_dir(0))
@@ -106,6 +129,7 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
             "full_weight_bytes": model.full_weight_bytes,
         }
         store.commit(0, row, {}, {})
+        trackers.log_metrics(tracked_metrics(row), 0)
         done = 0
         _wait_for_start_sites(grid, fed)
     else:
@@ -139,6 +163,7 @@ def run_federation(grid: Grid, context: Context, fed: FederationSpec, work_dir: 
         store.write_payload(server_round, payload)
         scalars, state_arrays = strategy_state(strategy)
         store.commit(server_round, row, scalars, state_arrays)
+        trackers.log_metrics(tracked_metrics(row), server_round)
         _write_summary(work_dir, fed, store)
         log(INFO, "round %d done in %.1f s: %s", server_round, row["seconds"], _short(row))
 

@@ -26,7 +26,9 @@ from launcher.spec import (
     PositiveInt,
     RelativePaths,
     Section,
+    TrackingSpec,
     load_yaml_model,
+    tracking_problems,
 )
 
 PositiveFloat = Annotated[float, Field(gt=0.0)]
@@ -194,6 +196,8 @@ class FederationSpec(Section):
     sites: dict[str, str] = Field(default_factory=dict, description="site name -> local job spec")
     server: ServerSpec = Field(default_factory=ServerSpec)
     output: str = "runs"
+    #: Trackers for the server's run: global metrics per round, and each site's (``site/<name>/...``).
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     def effective_weighting(self) -> str:
         """The weighting rounds use: as set, else uniform under DP, examples under SecAgg+ (where
@@ -308,6 +312,7 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
         )
     problems += _weighting_problems(spec)
     problems += _dp_problems(spec)
+    problems += tracking_problems(spec.tracking)
     if spec.strategy.name == "krum" and spec.min_sites < 2 * spec.strategy.krum_malicious_sites + 3:
         problems.append(
             ("strategy.krum_malicious_sites", "Krum needs min_sites >= 2 x krum_malicious_sites + 3")

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -32,6 +34,7 @@ from launcher.plan import (
     usable_bytes,
     with_backend,
 )
+from launcher.processes import QUIET_ENV
 from launcher.redact import redact_text
 from launcher.rundir import hang_diagnosis
 from launcher.spec import JobSpec, guardrail_warnings
@@ -153,7 +156,11 @@ def _offload_text(optimizer: bool, params: bool) -> str:
 
 @command("run")
 def cmd_run(args: argparse.Namespace) -> int:
-
+    quiet = args.quiet or args.json
+    say = Console(stderr=True, highlight=False, quiet=quiet)  # what a run shows while it trains
+    json_out = _stdout_for_json() if args.json else None
+    if quiet:
+        os.environ[QUIET_ENV] = "1"  # inherited by every process of the job
     if args.resume:
         prepared = reopen_run(Path(args.resume))
         if args.spec:  # a spec beside --resume must be the run's own: the run dir's plan is what runs
@@ -163,26 +170,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"--resume {args.resume} is a run of job {prepared.spec.name!r}, but {args.spec} is job "
                     f"{given.name!r}; resume a run of this job, or run {args.spec} without --resume"
                 )
-        console.print(f"resuming run {prepared.run_dir}")
+        say.print(f"resuming run {prepared.run_dir}")
     elif args.spec:
         prepared = prepare_run(Path(args.spec), args.overrides, args.backend)
     else:
         raise FlotillaError("flotilla run needs a spec file (or --resume <run dir>)")
     for warning in prepared.plan.warnings:
         console.print("[yellow]warning:[/]", escape(warning))
-    console.print(f"run directory: {prepared.run_dir}")
-    handle = get_backend(prepared.plan.backend).launch(prepared.plan, console, wait=True)
-    if handle.exit_code == 0:
-        print_summary(prepared.run_dir)
-    else:
+    say.print(f"run directory: {prepared.run_dir}")
+    handle = get_backend(prepared.plan.backend).launch(prepared.plan, say, wait=True)
+    code = handle.exit_code or 0
+    if code != 0:
         diagnosis = hang_diagnosis(prepared.run_dir)
         if diagnosis:
             console.print(escape(diagnosis.rstrip()), style="red")
         console.print(
-            f"run ended with exit code {handle.exit_code}; resume with: "
-            f"flotilla run --resume {prepared.run_dir}"
+            f"run ended with exit code {code}; resume with: flotilla run --resume {prepared.run_dir}"
         )
-    return handle.exit_code or 0
+    if json_out is not None:
+        json_out.write(json.dumps(run_result(prepared.run_dir, code), indent=2) + "\n")
+        json_out.flush()
+    elif code == 0:
+        print_summary(prepared.run_dir)
+    return code
+
+
+def _stdout_for_json() -> TextIO:
+    """A handle on the real stdout for the JSON alone; file descriptor 1 then goes to stderr, so what
+    a library or a job's process prints (DeepSpeed logs to stdout at import) cannot mix into it."""
+    sys.stdout.flush()
+    real = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return real
+
+
+def run_result(run_dir: Path, exit_code: int) -> dict[str, Any]:
+    """``flotilla run --json``: the run's outcome for scripts (summary.json's fields once finished)."""
+    result: dict[str, Any] = {"run_dir": str(run_dir), "exit_code": exit_code, "finished": False}
+    summary = run_dir / "summary.json"
+    if exit_code == 0 and summary.is_file():
+        result.update(json.loads(summary.read_text()), finished=True)
+    else:
+        result["resume"] = f"flotilla run --resume {run_dir}"
+    return result
 
 
 @command("submit")
@@ -350,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last verified checkpoint")
     p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar or data lines; warnings and errors only"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the outcome as JSON on stdout (implies --quiet)"
+    )
 
     p = sub.add_parser("submit", help="submit a job to a scheduler and return its id")
     p.add_argument("spec")

@@ -20,6 +20,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 #: which the launchers ignore and the ranks answer by checkpointing and exiting 85 (so no launcher
 #: kills its ranks mid-save); a second stop makes the launchers end their ranks; a third kills all.
 ESCALATION = (signal.SIGUSR1, signal.SIGTERM, signal.SIGKILL)
+#: In the environment of a job's processes, 1 for ``flotilla run --quiet``: the train core shows no
+#: progress bar and no data lines, only warnings and errors.
+QUIET_ENV = "FLOTILLA_QUIET"
 
 
 class StopRequests:

@@ -20,7 +20,7 @@ from launcher.rundir import read_jsonl
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "configs" / "data"
 
-pytest_plugins = ["tests.slurm_cluster"]
+pytest_plugins = ["tests.slurm_cluster", "tests.mlflow_server"]
 
 QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",

@@ -68,6 +68,7 @@ HEAVY = {
     "sklearn",
     "rouge_score",
     "sacrebleu",
+    "mlflow",
 }
 
 

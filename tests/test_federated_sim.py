@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from launcher.processes import process_tree
 from tests.conftest import REPO, processes_left, start_flotilla, wait_for
 
 ROUNDS, LOCAL_STEPS = 3, 6
+EXPERIMENT = f"federation-{uuid.uuid4().hex[:8]}"
 HONEST = ("site_a", "site_b", "site_c")
 
 
@@ -56,7 +58,7 @@ def attacker_mod(msg: Message, context: Context, call_next: Any) -> Message:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> RoundStore:
+def federation(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> RoundStore:
     out = tmp_path_factory.mktemp("fed")
     fed = load_federation(
         REPO / "configs" / "federated.yaml",
@@ -66,6 +68,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> RoundStore:
             "min_sites=3",
             f"sites.site_d={REPO / 'configs' / 'federated' / 'site_c.yaml'}",
             f"output={out}",
+            "tracking.report_to=[tensorboard, mlflow]",
+            f"tracking.mlflow_uri={mlflow_server}",
+            f"tracking.experiment={EXPERIMENT}",
         ],
     )
     simulate(fed, out / fed.name, extra_mods=[attacker_mod])
@@ -140,6 +145,41 @@ def test_poisoned_updates_are_rejected_and_never_averaged_in(federation: RoundSt
         merged = load_file(str(federation.adapter_dir(row["round"]) / "adapter_model.safetensors"))
         for key, value in fedavg(honest).items():
             np.testing.assert_allclose(merged[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_the_federation_logs_one_tracker_run_with_global_and_per_site_metrics_per_round(
+    federation: RoundStore, mlflow_server: str
+) -> None:
+    """One MLflow run (and one TensorBoard log) for the server: the global adapter's eval loss at
+    every round, each honest site's own metrics at every round it was accepted, nothing of the
+    attacker, whose every update was rejected."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = federation.rows()
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["rounds"] == str(ROUNDS)
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "server/eval_loss")
+    )
+    assert history == [(r["round"], pytest.approx(r["server_eval"]["eval_loss"])) for r in rows]
+    for site in HONEST:
+        own = sorted(
+            (m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"site/{site}/eval_loss")
+        )
+        expected = [
+            (r["round"], pytest.approx(s["metrics"]["eval_loss"]))
+            for r in rows[1:]
+            for s in r["sites"]
+            if s["site"] == site
+        ]
+        assert len(own) == ROUNDS and own == expected, site
+    assert not [k for k in run.data.metrics if k.startswith("site/attacker/")]
+    assert {"rounds.jsonl", f"round-{ROUNDS:03d}"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    events = EventAccumulator(str(federation.work_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("server/eval_loss")] == list(range(ROUNDS + 1))
 
 
 def test_the_report_command_prints_the_round_tables(

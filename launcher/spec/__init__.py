@@ -29,9 +29,10 @@ from launcher.spec.models import (
     ResourcesSpec,
     Section,
     SlurmSpec,
+    TrackingSpec,
     UnfreezeStage,
 )
-from launcher.spec.rules import guardrail_warnings, zero_problems
+from launcher.spec.rules import guardrail_warnings, tracking_problems, zero_problems
 
 __all__ = [
     "DataFormat",
@@ -50,11 +51,13 @@ __all__ = [
     "ResourcesSpec",
     "Section",
     "SlurmSpec",
+    "TrackingSpec",
     "UnfreezeStage",
     "guardrail_warnings",
     "load_spec",
     "load_yaml_model",
     "resolve_relative_paths",
+    "tracking_problems",
     "validate_spec",
     "zero_problems",
 ]

@@ -343,9 +343,15 @@ class OutputSpec(Section):
 
 
 class TrackingSpec(Section):
-    """Experiment trackers to report to, besides metrics.jsonl."""
+    """Experiment trackers to report to, besides metrics.jsonl (written by global rank 0 only)."""
 
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    #: The MLflow tracking server or store (default: MLflow's own, e.g. ``$MLFLOW_TRACKING_URI``).
+    mlflow_uri: str | None = None
+    #: The MLflow experiment (default: the job's name).
+    experiment: str | None = Field(default=None, min_length=1)
+    #: The tracker run's name (default: the run directory's name, its timestamp).
+    run_name: str | None = Field(default=None, min_length=1)
 
 
 class JobSpec(Section):

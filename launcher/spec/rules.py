@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from urllib.parse import urlsplit
 
-from launcher.spec.models import JobSpec
+from launcher.spec.models import JobSpec, TrackingSpec
 
 CLASSIFICATION_METRICS = {"accuracy", "precision", "recall", "f1", "auc"}
 GENERATION_METRICS = {"perplexity", "rouge", "bleu"}
@@ -23,6 +23,7 @@ def spec_problems(spec: JobSpec) -> list[tuple[str, str]]:
     problems += _eval_problems(spec)
     problems += _slurm_problems(spec)
     problems += _ray_problems(spec)
+    problems += tracking_problems(spec.tracking)
     return problems
 
 
@@ -198,6 +199,20 @@ def _early_stopping_metric_problems(spec: JobSpec) -> list[tuple[str, str]]:
             )
         ]
     return []
+
+
+def tracking_problems(tracking: TrackingSpec, where: str = "tracking") -> list[tuple[str, str]]:
+    """MLflow settings with no MLflow to report to; a tracker listed twice."""
+    problems = [
+        (f"{where}.{key}", f"{where}.{key} is set but {where}.report_to does not list mlflow")
+        for key in ("mlflow_uri", "experiment")
+        if getattr(tracking, key) is not None and "mlflow" not in tracking.report_to
+    ]
+    if len(set(tracking.report_to)) != len(tracking.report_to):
+        problems.append(
+            (f"{where}.report_to", f"{where}.report_to lists a tracker twice: {tracking.report_to}")
+        )
+    return problems
 
 
 def _slurm_problems(spec: JobSpec) -> list[tuple[str, str]]:

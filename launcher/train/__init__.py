@@ -12,11 +12,14 @@ from launcher.train.core import run_training
 from launcher.train.evaluate import evaluate_target
 from launcher.train.export import ExportResult, export_run
 from launcher.train.report import write_report
+from launcher.train.tracking import Trackers, open_trackers
 
 __all__ = [
     "ExportResult",
+    "Trackers",
     "evaluate_target",
     "export_run",
+    "open_trackers",
     "run_training",
     "save_verified",
     "write_report",

@@ -6,12 +6,14 @@ Exit codes (launcher.errors): 0 finished, 85 stopped on a signal after a checkpo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE, FlotillaError
+from launcher.processes import QUIET_ENV
 from launcher.train.core import run_training
 
 
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_INPUT_EXIT_CODE
     console = Console(stderr=True)
     try:
-        outcome = run_training(Path(args[0]), console)
+        outcome = run_training(Path(args[0]), Console(stderr=True, quiet=os.environ.get(QUIET_ENV) == "1"))
     except FlotillaError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return exc.exit_code

@@ -6,6 +6,7 @@ it never knows which backend started it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from launcher.atomic import write_json_atomic
 from launcher.data import PreparedData, cache_root, prepare_data
@@ -42,11 +43,13 @@ from launcher.spec import JobSpec
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
 from launcher.train.checkpoint import latest_verified_checkpoint, save_verified
 from launcher.train.generation_metrics import generation_metrics
+from launcher.train.library_output import hide_library_progress_bars, show_library_warnings_once
 from launcher.train.logit_adjustment import adjust_logits_in_training, label_log_prior
 from launcher.train.metrics import classification_metrics, is_task_metric
 from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
 from launcher.train.report import write_report
+from launcher.train.tracking import TrackerCallback, Trackers, open_trackers
 from launcher.train.trainer import BatchCollator, FlotillaTrainer, LossTerm
 from launcher.train.watchdog import HangWatchdog
 from launcher.train.zero import EvaluateAtTrainBegin, consolidated_state_dict, gathered, is_zero3
@@ -89,7 +92,9 @@ def run_training(
     spec = plan.job_spec()
     rank, _, world = process_rank()
     console = console or Console(stderr=True)
-    say = console.print if rank == 0 else (lambda *a, **k: None)
+    show_library_warnings_once()
+    hide_library_progress_bars()
+    say = functools.partial(console.print, soft_wrap=True) if rank == 0 else (lambda *a, **k: None)
     if world > 1:
         say(preflight(plan.device, plan.processes_per_node))
 
@@ -115,6 +120,44 @@ def run_training(
     checkpoint = latest_verified_checkpoint(
         run_dir / "checkpoints", trainer.args.process_index, trainer.args.world_size, trainer.gather
     )
+    trackers = _open_trackers(spec, run_dir, checkpoint) if trainer.is_world_process_zero() else Trackers([])
+    trainer.add_callback(TrackerCallback(trackers))
+    with trackers:
+        outcome = _train(trainer, spec, data, run_dir, rank, world, checkpoint, signal_callback, say)
+    if outcome.interrupted:
+        trackers.abort("KILLED")  # continued, as the same tracker run, by the resume
+        return outcome
+    if rank == 0:
+        write_json_atomic(
+            run_dir / "summary.json",
+            {
+                "steps": outcome.steps,
+                "wall_seconds": time.time() - started,
+                "before": outcome.before,
+                "after": outcome.after,
+                "artifact": str(outcome.artifact),
+                "best_checkpoint": trainer.state.best_model_checkpoint if spec.train.early_stopping else None,
+                "labels": data.labels,
+            },
+        )
+        write_report(run_dir)
+    artifacts = [run_dir / name for name in ("spec.yaml", "data_report.json", "summary.json", "report.html")]
+    trackers.finish(artifacts + ([run_dir / "adapter"] if spec.peft.method == "lora" else []))
+    return outcome
+
+
+def _train(
+    trainer: FlotillaTrainer,
+    spec: JobSpec,
+    data: PreparedData,
+    run_dir: Path,
+    rank: int,
+    world: int,
+    checkpoint: Path | None,
+    signal_callback: CheckpointOnSignal,
+    say: Any,
+) -> TrainOutcome:
+    """Metrics before, training (resumed from ``checkpoint``), metrics after, the verified artefact."""
     resuming = checkpoint is not None
     early = EvaluateAtTrainBegin(lambda: _before_metrics(trainer, data, spec, run_dir, rank, resuming))
     watchdog = HangWatchdog(run_dir, rank, world, spec.resources.hang_timeout)
@@ -132,23 +175,15 @@ def run_training(
             say(f"stopped on signal {signal_callback.received}: checkpoint saved, exit for requeue")
             return TrainOutcome(run_dir, True, trainer.state.global_step, before)
         after = evaluate_all(trainer, data, spec)
-        artifact = save_artifact(trainer, spec, run_dir, tokenizer)
-    outcome = TrainOutcome(run_dir, False, trainer.state.global_step, before, after, artifact)
-    if rank == 0:
-        write_json_atomic(
-            run_dir / "summary.json",
-            {
-                "steps": outcome.steps,
-                "wall_seconds": time.time() - started,
-                "before": before,
-                "after": after,
-                "artifact": str(artifact),
-                "best_checkpoint": trainer.state.best_model_checkpoint if spec.train.early_stopping else None,
-                "labels": data.labels,
-            },
-        )
-        write_report(run_dir)
-    return outcome
+        artifact = save_artifact(trainer, spec, run_dir, trainer.processing_class)
+    return TrainOutcome(run_dir, False, trainer.state.global_step, before, after, artifact)
+
+
+def _open_trackers(spec: JobSpec, run_dir: Path, checkpoint: Path | None) -> Trackers:
+    """The job's trackers, continuing its tracker run when resuming from ``checkpoint``."""
+    resume_step = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None
+    params = spec.model_dump(mode="json", exclude={"tracking"})
+    return open_trackers(spec.tracking, run_dir, params, spec.name, resume_step)
 
 
 def build_model(
@@ -205,7 +240,8 @@ def training_arguments(spec: JobSpec, plan: Plan, run_dir: Path) -> TrainingArgu
         save_total_limit=None,
         seed=spec.seed,
         data_seed=spec.seed,
-        report_to=spec.tracking.report_to or "none",
+        # TensorBoard and MLflow are Flotilla's own trackers (launcher.train.tracking); wandb is transformers'
+        report_to=[name for name in spec.tracking.report_to if name == "wandb"] or "none",
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         use_cpu=on_cpu,
@@ -238,7 +274,9 @@ def build_trainer(
 ) -> FlotillaTrainer:
     """A :class:`FlotillaTrainer` with Flotilla's callbacks."""
     classifier = spec.model.task == "sequence_classification"
-    callbacks: list[Any] = [MetricsJsonl(run_dir / "metrics.jsonl"), signal_callback, RichProgress(console)]
+    callbacks: list[Any] = [MetricsJsonl(run_dir / "metrics.jsonl"), signal_callback]
+    if not console.quiet:
+        callbacks.append(RichProgress(console))
     if unfreeze:
         callbacks.append(unfreeze)
     if spec.train.early_stopping:
@@ -261,6 +299,7 @@ def build_trainer(
         report_perplexity=not classifier,
     )
     trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout: RichProgress shows them
     return trainer
 
 
