@@ -107,7 +107,8 @@ def final_metrics(runs: list[Run], labels: list[str]) -> str:
         values = [final.get(metric) for final in finals]
         known = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
         direction = better(metric)
-        best = (min if direction == "min" else max)(known) if direction and len(known) > 1 else None
+        tied = len(set(known)) < 2  # nothing to choose between
+        best = None if tied or not direction else (min if direction == "min" else max)(known)
         cells = [Cell(f"{fmt(v)} ★", "best") if best is not None and v == best else Cell(v) for v in values]
         rows.append((metric, *cells))
     return (
