@@ -1,9 +1,10 @@
 """The dependency rule of the house (README, "Architecture"), read from every module's imports.
 
 - ``launcher.{errors,atomic,rundir,processes,hashing,redact}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
-  ``model`` -> spec; ``plan`` -> spec, model; ``report`` -> those only (it reads finished run
-  directories, standard library only); ``train`` -> spec, data, model, plan, report; ``backends`` ->
-  spec, plan, train, and a backend never imports a sibling backend; ``cli`` -> the packages' faces.
+  ``model`` -> spec; ``plan`` -> spec, model; ``report`` -> those only, and no third-party package
+  (it reads finished run directories with the standard library); ``train`` -> spec, data, model,
+  plan, report; ``backends`` -> spec, plan, train, and a backend never imports a sibling backend;
+  ``cli`` -> the packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
   never imports ``federated``.
 - A package's ``__init__`` is its face: another package imports the package, never its modules.
@@ -278,6 +279,21 @@ def house() -> tuple[dict[str, Path], list[Import]]:
 def test_every_import_follows_the_dependency_rule(house: tuple[dict[str, Path], list[Import]]) -> None:
     _, imports = house
     assert violations(imports) == []
+
+
+def test_the_report_package_needs_only_the_standard_library(
+    house: tuple[dict[str, Path], list[Import]],
+) -> None:
+    """``launcher.report`` reads finished run directories: no torch, numpy or rich on that path."""
+    _, imports = house
+    foreign = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for imp in imports
+        if imp.source.startswith("launcher.report")
+        and not ours(imp.target)
+        and imp.target.split(".")[0] not in sys.stdlib_module_names
+    ]
+    assert foreign == []
 
 
 def test_no_import_cycle(house: tuple[dict[str, Path], list[Import]]) -> None:

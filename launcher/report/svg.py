@@ -23,6 +23,8 @@ PALETTE = (
 WIDTH, HEIGHT = 540, 280
 LEFT, RIGHT, TOP, BOTTOM = 72, 20, 30, 48
 LEGEND_ROW = 18
+#: A longer series is drawn as its line alone (a dot per step would weigh the page down).
+MAX_DOTS = 200
 #: Data coordinate to pixel coordinate.
 Scale = Callable[[float], float]
 
@@ -125,13 +127,14 @@ def _axes(
 
 
 def _line(s: Series, px: Scale, py: Scale) -> str:
-    """A series as a polyline with a dot per point; each dot's tooltip names the step and value."""
+    """A series as a polyline with a dot per point (up to MAX_DOTS points); each dot's tooltip names
+    the step and the value."""
     points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s.points)
     dash = ' stroke-dasharray="6 4"' if s.dashed else ""
     dots = "".join(
         f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{s.colour}">'
         f"<title>{escape(s.name)}: step {x:g}, {y:.6g}</title></circle>"
-        for x, y in s.points
+        for x, y in (s.points if len(s.points) <= MAX_DOTS else [])
     )
     return (
         f'<g class="series" data-series="{escape(s.name)}">'
