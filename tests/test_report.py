@@ -24,7 +24,7 @@ from tests.browser import (
     series_points,
     table_rows,
 )
-from tests.conftest import flotilla, tiny_job
+from tests.conftest import DATA, flotilla, only_run_dir, tiny_job
 
 RATES = (1e-3, 5e-3)
 
@@ -42,6 +42,34 @@ def two_runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list
     runs = sorted(p for p in (root / "runs" / "tiny").iterdir() if p.is_dir())
     assert len(runs) == 2
     return runs
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real sentiment classifier (the bundled MiniLM), evaluated at steps 0, 2 and 4."""
+    root = tmp_path_factory.mktemp("report-classifier")
+    job = {
+        "name": "cls",
+        "seed": 7,
+        "model": {"path": "minilm-l6", "task": "sequence_classification"},
+        "data": {
+            "train": str(DATA / "sentiment.jsonl"),
+            "validation": str(DATA / "sentiment_val.jsonl"),
+            "format": "classification",
+            "max_length": 64,
+            "max_train_rows": 48,
+            "max_validation_rows": 16,
+        },
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "train": {"learning_rate": 5e-3, "micro_batch_size": 16, "max_steps": 4, "logging_steps": 1},
+        "eval": {"steps": 2},
+        "output": {"dir": str(root / "runs")},
+    }
+    spec = root / "cls.yaml"
+    spec.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
+    result = flotilla("run", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run_dir(root / "runs", "cls")
 
 
 def assert_not_blank(colours: Any, series: tuple[str, ...]) -> None:
@@ -92,6 +120,21 @@ def test_the_run_report_has_curves_legends_and_tables_in_chromium(
 
     colours = screenshot_colours(page, tmp_path / "profile", tmp_path / "report.png")
     assert_not_blank(colours, PALETTE[:2])
+
+
+def test_a_classifier_report_charts_its_task_metrics_and_label_balance(
+    classifier_run: Path, tmp_path: Path
+) -> None:
+    dom = rendered_dom(classifier_run / "report.html", tmp_path / "profile")
+    found = charts(dom)
+    for metric in ("eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_auc"):
+        assert series_points(found[metric]) == {metric: 3}, metric  # at steps 0, 2 and 4
+        assert legend(found[metric]) == [metric]
+    assert dict(table_rows(dom, "settings"))["task"] == "sequence_classification"
+    labels = {row[0]: row for row in table_rows(dom, "data-labels")}
+    assert set(labels) == {"negative", "positive"} and all(int(row[1]) > 0 for row in labels.values())
+    metrics = {row[0] for row in table_rows(dom, "metrics")}
+    assert {"eval_accuracy", "eval_f1", "eval_auc", "train_accuracy"} <= metrics
 
 
 def test_two_runs_compared_show_the_spec_diff_best_metrics_and_overlaid_curves(

@@ -18,7 +18,7 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px soli
 .path{color:#666;font-size:.9em;word-break:break-all}
 table{border-collapse:collapse;margin:.6em 0}
 th,td{padding:3px 12px;border-bottom:1px solid #eee;text-align:right;vertical-align:top}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4;text-align:left}td:first-child{text-align:left}
 td.text{text-align:left;word-break:break-all}
 .settings td,.settings th{text-align:left}.settings td:first-child{color:#555}.best{font-weight:bold;color:#1a7f37}
 .warn{color:#b42318;font-weight:bold}.empty{color:#888;font-style:italic}

@@ -10,6 +10,10 @@ from launcher.report.page import Cell, page, plain, section, table, write_page
 from launcher.report.runs import Run, load_run
 from launcher.report.svg import PALETTE, Series, line_chart
 
+#: The learning rate and gradient norm keep their own colours, apart from the metrics' palette.
+SCHEDULE_COLOUR, NORM_COLOUR = "#3b3b98", "#555555"
+PERCENTILES = ("p50", "p90", "p99", "max")
+
 
 def write_report(run_dir: Path, out: Path | None = None) -> Path:
     """Write the report of a finished run to ``out`` (default ``<run dir>/report.html``)."""
@@ -118,21 +122,13 @@ def run_charts(run: Run) -> list[str]:
         )
     ]
     for index, key in enumerate(run.eval_metrics()):
-        colour = PALETTE[(2 + index) % len(PALETTE)]
-        charts.append(
-            line_chart(
-                key, [Series(key, run.series(key), colour)], key.removeprefix("eval_").replace("_", " ")
-            )
-        )
+        colour = PALETTE[2 + index % (len(PALETTE) - 2)]
+        label = key.removeprefix("eval_").replace("_", " ")
+        charts.append(line_chart(key, [Series(key, run.series(key), colour)], label))
+    rate = Series("learning rate", run.series("learning_rate"), SCHEDULE_COLOUR)
+    charts.append(line_chart("learning rate", [rate], "learning rate"))
     charts.append(
-        line_chart(
-            "learning rate",
-            [Series("learning rate", run.series("learning_rate"), PALETTE[3])],
-            "learning rate",
-        )
-    )
-    charts.append(
-        line_chart("gradient norm", [Series("grad norm", run.series("grad_norm"), PALETTE[7])], "norm")
+        line_chart("gradient norm", [Series("grad norm", run.series("grad_norm"), NORM_COLOUR)], "norm")
     )
     return charts
 
@@ -174,7 +170,10 @@ def data_tables(report: dict[str, Any]) -> str:
     ]
     lengths = report.get("token_length_percentiles", {})
     if lengths:
-        parts.append(table(["token length", *lengths], [("rows", *lengths.values())], "data-lengths"))
+        order = [key for key in PERCENTILES if key in lengths] + sorted(set(lengths) - set(PERCENTILES))
+        parts.append(
+            table(["token length", *order], [("tokens", *(lengths[k] for k in order))], "data-lengths")
+        )
     parts.append(_label_balance(report.get("label_balance", {})))
     examples = [
         f"{s.get('path')}: {e}" for s in report.get("sources", []) for e in s.get("bad_row_examples", [])

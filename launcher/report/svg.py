@@ -41,8 +41,9 @@ class Series:
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """About ``count`` round tick values (1, 2 or 5 times a power of ten apart) covering low..high."""
-    if high <= low:
-        high = low + (abs(low) or 1.0)
+    if high <= low:  # a flat series: centred in a band around its value
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
     raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
