@@ -294,13 +294,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     runs = [Path(path) for path in args.run_dirs]
-    for run_dir in runs:
-        load_run(run_dir)  # a clear error naming the path for anything that is not a finished run
     if len(runs) == 1:
+        load_run(runs[0])  # a clear error naming the path for anything that is not a finished run
         print_summary(runs[0])
         out.print(f"report: {write_report(runs[0], args.out and Path(args.out))}", soft_wrap=True)
         return 0
-    page = write_comparison(runs, Path(args.out or "compare.html"))
+    page = write_comparison(runs, Path(args.out or "compare.html"))  # every run is read first
     out.print(f"comparison of {len(runs)} runs: {page.resolve()}", soft_wrap=True)
     return 0
 

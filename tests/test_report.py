@@ -5,8 +5,8 @@ escaped, and bad input refused with a message naming the path."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -72,7 +72,7 @@ def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return only_run_dir(root / "runs", "cls")
 
 
-def assert_not_blank(colours: Any, series: tuple[str, ...]) -> None:
+def assert_not_blank(colours: Counter[tuple[int, int, int]], series: tuple[str, ...]) -> None:
     """Many colours, a fair share of non-white pixels, and each series colour drawn."""
     pixels = sum(colours.values())
     assert len(colours) > 100, len(colours)
@@ -103,7 +103,7 @@ def test_the_run_report_has_curves_legends_and_tables_in_chromium(
         assert [t.text() for t in chart.find("text", "x-tick")][:3] == ["0", "2", "4"]
         assert len(chart.find("text", "y-tick")) >= 3
 
-    settings = dict(table_rows(dom, "settings")[:17])
+    settings = dict(table_rows(dom, "settings"))
     assert settings["learning rate"] == "0.001" and settings["adapter"].startswith("LoRA r=4 alpha=8")
     assert settings["length"] == "8 steps" and settings["backend"] == "local"
     assert settings["train data"].endswith("instructions.jsonl")
@@ -114,7 +114,8 @@ def test_the_run_report_has_curves_legends_and_tables_in_chromium(
     sources = table_rows(dom, "data-sources")
     assert [row[0] for row in sources] == ["train", "validation"]
     assert sources[0][1].endswith("instructions.jsonl") and sources[0][2] != "0"
-    assert [cell for cell in table_rows(dom, "data-lengths")[0][1:]]
+    assert table_rows(dom, "data-lengths")[0][0] == "tokens"
+    assert all(int(cell) > 0 for cell in table_rows(dom, "data-lengths")[0][1:])
     assert "torch" in dict(table_rows(dom, "packages"))
     assert not dom.find("pre")  # the data report is tables, not raw JSON
 
@@ -164,13 +165,16 @@ def test_two_runs_compared_show_the_spec_diff_best_metrics_and_overlaid_curves(
     assert_not_blank(colours, PALETTE[:2])
 
 
-def test_the_comparison_goes_to_compare_html_in_the_working_directory(
+def test_the_comparison_goes_to_compare_html_in_the_working_directory_and_out_moves_either_page(
     two_runs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["report", *map(str, two_runs)]) == 0
     assert f"comparison of 2 runs: {tmp_path / 'compare.html'}" in capsys.readouterr().out
     assert "train.learning_rate" in (tmp_path / "compare.html").read_text(encoding="utf-8")
+    assert main(["report", str(two_runs[1]), "--out", "one.html"]) == 0
+    assert "report: one.html" in capsys.readouterr().out
+    assert "0.005" in (tmp_path / "one.html").read_text(encoding="utf-8")
 
 
 HOSTILE = '<img src=x onerror="alert(1)">'
