@@ -13,7 +13,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.report import write_comparison, write_report
-from launcher.report.svg import PALETTE
+from launcher.report.svg import PALETTE, Series, line_chart, nice_ticks, tick_label
 from tests.browser import (
     charts,
     legend,
@@ -262,3 +262,20 @@ def test_bad_input_is_a_message_naming_the_path(tmp_path: Path, capsys: pytest.C
         error = capsys.readouterr().err
         assert message in " ".join(error.split()) and "Traceback" not in error, (args, error)
         assert str(named) in "".join(error.split()), (named, error)
+
+
+def test_chart_axes_have_round_ticks_that_cover_the_data() -> None:
+    assert nice_ticks(0, 8) == [0, 2, 4, 6, 8]
+    assert nice_ticks(10.61, 10.87) == pytest.approx([10.6, 10.7, 10.8, 10.9])
+    flat = nice_ticks(0.4375, 0.4375)
+    assert flat[0] < 0.4375 < flat[-1]  # a flat series sits inside its axis, not on its edge
+    rates = nice_ticks(0.0, 2e-5)
+    assert [tick_label(t, rates) for t in rates][:2] == ["0", "5.0e-06"]
+    assert [tick_label(t, [0.0, 0.25]) for t in (0.0, 0.25)] == ["0", "0.25"]
+    assert [tick_label(t, [10.6, 10.7]) for t in (10.6, 10.7)] == ["10.6", "10.7"]
+    assert (
+        line_chart("loss", [Series("train loss", [], PALETTE[0])], "loss")
+        == '<p class="empty">no loss logged</p>'
+    )
+    one = parse(line_chart("eval <loss>", [Series("a & b", [(3.0, 1.5)], PALETTE[0])], "loss"))
+    assert charts(one) == {"eval <loss>": charts(one)["eval <loss>"]} and legend(one) == ["a & b"]

@@ -47,19 +47,17 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     raw = (high - low) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-    first = math.floor(low / step + 1e-9) * step
-    ticks = []
-    value = first
-    while value < high + step * 0.999:
-        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
-        value += step
-    return ticks
+    first = math.floor(low / step + 1e-9)
+    last = math.ceil(high / step - 1e-9)
+    return [0.0 if i == 0 else i * step for i in range(first, max(last, first + 1) + 1)]
 
 
 def tick_label(value: float, ticks: list[float]) -> str:
-    """A tick value with just enough digits to tell it from its neighbours."""
+    """A tick value with just the digits its step needs (``0.25``, ``10.6``, ``5.0e-06``)."""
     step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else abs(value) or 1.0
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    decimals = next((d for d in range(7) if abs(round(step, d) - step) < step * 1e-6), 7)
+    if value == 0:
+        return "0"
     if decimals > 4 or max(abs(t) for t in ticks) >= 1e6:
         return f"{value:.1e}"
     return f"{value:.{decimals}f}"
