@@ -13,7 +13,6 @@ from pathlib import Path
 import federated
 import launcher
 from launcher.hashing import digest_of, sha256_file
-from launcher.model import model_sha256
 from launcher.spec import ModelSpec
 
 #: Libraries whose version is part of the code fingerprint.
@@ -34,4 +33,8 @@ def code_sha256() -> str:
 
 def base_model_sha256(model: ModelSpec) -> str:
     """The fingerprint of a spec's (local) base model."""
+    # launcher.model imports torch and transformers: every `flotilla` command would load them
+    # (8 s) through the `fed` plugin's import of this module, most of which never fingerprint
+    from launcher.model import model_sha256
+
     return model_sha256(model.path, model.gguf_file)
