@@ -88,6 +88,15 @@ def test_zero3_lora_learns_and_saves_a_gathered_verified_adapter(
     assert len(list((checkpoint / "global_step6").glob("*optim_states.pt"))) == 2  # one shard per rank
 
 
+def test_an_adapter_trained_under_zero3_exports_merged_and_verified(
+    zero3_reference: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """The gathered ZeRO-3 adapter merges into the base: logits equal base + adapter, not the base."""
+    from tests.test_export import assert_export_matches_the_adapter
+
+    assert_export_matches_the_adapter(tiny_llama, zero3_reference, tmp_path / "merged")
+
+
 def test_zero2_lora_learns_and_saves_a_verified_adapter(tiny_llama: Path, tmp_path: Path, write_spec) -> None:
     zero2 = {**ZERO3, "zero": {"stage": 2}}
     run_dir = run_job(tmp_path, write_spec, tiny_llama, "z2", resources=zero2, train=STEPS)

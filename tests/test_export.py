@@ -64,30 +64,35 @@ def no_staging_left(out: Path) -> bool:
     return not list(out.parent.glob(f".{out.name}.*"))
 
 
-def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter(
-    tiny_llama: Path, lora_run: Path, tmp_path: Path
-) -> None:
+def assert_export_matches_the_adapter(base_model: Path, run: Path, out: Path) -> None:
+    """``flotilla export run --merge`` writes a folder plain transformers loads, whose logits equal
+    base + adapter within the merge tolerance and differ from the base's, with the chat template."""
     from peft import PeftModel
 
-    out = tmp_path / "merged"
-    result = flotilla("export", str(lora_run), "--merge", "--out", str(out))
+    result = flotilla("export", str(run), "--merge", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     merged = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     probes = probe_rows(tokenizer)
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     base_logits = logits(base, probes)
-    adapted = logits(PeftModel.from_pretrained(base, lora_run / "adapter"), probes)
+    adapted = logits(PeftModel.from_pretrained(base, run / "adapter"), probes)
     exported = logits(merged, probes)
     assert max_abs_diff(exported, adapted) <= MERGE_TOLERANCE
     assert max_abs_diff(exported, base_logits) > 100 * MERGE_TOLERANCE  # the adapter is in the weights
     assert (
         tokenizer.chat_template
-        and tokenizer.chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+        and tokenizer.chat_template == AutoTokenizer.from_pretrained(base_model).chat_template
     )
     record = json.loads((out / "flotilla-export.json").read_text())
     assert record["merge_max_abs_diff"] <= record["merge_tolerance"] == MERGE_TOLERANCE
     assert "logits within" in result.stdout and no_staging_left(out)
+
+
+def test_merged_folder_loads_with_plain_transformers_and_matches_the_adapter(
+    tiny_llama: Path, lora_run: Path, tmp_path: Path
+) -> None:
+    assert_export_matches_the_adapter(tiny_llama, lora_run, tmp_path / "merged")
 
 
 def test_an_untrained_adapter_is_refused_and_nothing_is_written(lora_run: Path, tmp_path: Path) -> None:

@@ -152,3 +152,20 @@ def test_tracker_settings_without_their_tracker_and_a_missing_package_are_clear_
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "mlflow" else real(name))
     with pytest.raises(FlotillaError, match=r"lists mlflow, which is not installed.*flotilla\[tracking\]"):
         open_trackers(TrackingSpec(report_to=["mlflow"]), tmp_path, {}, "job")
+
+
+def test_an_unreachable_mlflow_server_is_a_clear_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    tracking = TrackingSpec(report_to=["mlflow"], mlflow_uri=uri)
+    with pytest.raises(
+        FlotillaError, match=rf"tracking.mlflow_uri {uri}: the MLflow run could not be created"
+    ):
+        open_trackers(tracking, tmp_path, {"name": "job"}, "job")

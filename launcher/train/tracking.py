@@ -70,28 +70,47 @@ class MlflowTracker:
 
     def __init__(self, tracking: TrackingSpec, record: dict[str, Any], params: Mapping[str, str]) -> None:
         from mlflow import MlflowClient
-        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         self.client = MlflowClient(tracking_uri=tracking.mlflow_uri)
         previous = record.get("mlflow")
-        if previous and previous.get("tracking_uri") == self.client.tracking_uri:
-            self.run_id: str = previous["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            experiment = self.client.get_experiment_by_name(record["experiment"])
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self.client.create_experiment(record["experiment"])
-            )
-            run = self.client.create_run(
-                experiment_id, run_name=record["run_name"], tags={"flotilla.record": record["dir"]}
-            )
-            self.run_id = run.info.run_id
-            items = [Param(k, v) for k, v in params.items()]
-            for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.run_id, params=items[start : start + 100])
+        try:
+            if previous and previous.get("tracking_uri") == self.client.tracking_uri:
+                self.run_id: str = previous["run_id"]
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.run_id = self._create_run(record, params)
+        except MlflowException as exc:
+            raise FlotillaError(
+                f"tracking.mlflow_uri {self.client.tracking_uri}: the MLflow run could not be "
+                f"{'continued' if previous else 'created'}: {exc}"
+            ) from exc
         record["mlflow"] = {"tracking_uri": self.client.tracking_uri, "run_id": self.run_id}
+
+    def _create_run(self, record: dict[str, Any], params: Mapping[str, str]) -> str:
+        """A new run in the record's experiment (created if missing), with ``params`` logged."""
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        name = record["experiment"]
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:
+            try:
+                experiment_id = self.client.create_experiment(name)
+            except MlflowException:  # another job may have created it meanwhile
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        run = self.client.create_run(
+            experiment_id, run_name=record["run_name"], tags={"flotilla.record": record["dir"]}
+        )
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        return run.info.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
