@@ -66,7 +66,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env={k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))},
     )
     try:
-        wait_for(lambda: _healthy(uri) or server.poll() is not None, 120, "mlflow server to start")
+        wait_for(lambda: _healthy(uri) or server.poll() is not None, 300, "mlflow server to start")
         if server.poll() is not None:
             raise AssertionError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
         yield uri

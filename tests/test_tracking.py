@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
 from launcher.rundir import read_jsonl
@@ -43,23 +44,42 @@ def tracked_job(
     )
 
 
+EXPERIMENT = f"tracking-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(mlflow_server: str, tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run on 2 ranks (torchrun, gloo) reporting to TensorBoard and to the MLflow server."""
+    folder = tmp_path_factory.mktemp("tracked")
+    tracking = {
+        "report_to": ["tensorboard", "mlflow"],
+        "mlflow_uri": mlflow_server,
+        "experiment": EXPERIMENT,
+        "run_name": "lr-1e-3",
+    }
+    spec = folder / "job.yaml"
+    spec.write_text(
+        yaml.safe_dump(tracked_job(tiny_llama, folder, tracking, resources={"processes_per_node": 2}))
+    )
+    result = flotilla("run", str(spec))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run_dir(folder / "runs")
+
+
 def test_tensorboard_event_files_hold_loss_learning_rate_and_eval_metrics_at_their_steps(
-    tiny_llama: Path, tmp_path: Path, write_spec
+    two_rank_run: Path,
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    spec = write_spec(tracked_job(tiny_llama, tmp_path, {"report_to": ["tensorboard"]}))
-    result = flotilla("run", str(spec))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path / "runs")
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    assert len(list((two_rank_run / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's
+    events = EventAccumulator(str(two_rank_run / "tensorboard"))
     events.Reload()
     for tag, key in (
         ("train/loss", "loss"),
         ("train/learning_rate", "learning_rate"),
         ("eval/loss", "eval_loss"),
     ):
-        expected = logged(run_dir, key)
+        expected = logged(two_rank_run, key)
         scalars = [(e.step, e.value) for e in events.Scalars(tag)]
         assert expected and [s for s, _ in scalars] == [s for s, _ in expected], (tag, scalars)
         assert [v for _, v in scalars] == pytest.approx([v for _, v in expected], rel=1e-6), tag
@@ -68,24 +88,12 @@ def test_tensorboard_event_files_hold_loss_learning_rate_and_eval_metrics_at_the
 
 
 def test_one_mlflow_run_on_a_real_server_from_two_ranks_with_spec_metrics_and_artefacts(
-    mlflow_server: str, tiny_llama: Path, tmp_path: Path, write_spec
+    mlflow_server: str, two_rank_run: Path, tmp_path: Path
 ) -> None:
     from mlflow import MlflowClient
 
-    experiment = f"tracking-{uuid.uuid4().hex[:8]}"
-    tracking = {
-        "report_to": ["mlflow"],
-        "mlflow_uri": mlflow_server,
-        "experiment": experiment,
-        "run_name": "lr-1e-3",
-    }
-    job = tracked_job(tiny_llama, tmp_path, tracking, resources={"processes_per_node": 2})
-    result = flotilla("run", str(write_spec(job)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path / "runs")
-
     client = MlflowClient(tracking_uri=mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]  # rank 1 logged nothing
     run = runs[0]
     assert run.info.run_name == "lr-1e-3" and run.info.status == "FINISHED"
@@ -95,14 +103,14 @@ def test_one_mlflow_run_on_a_real_server_from_two_ranks_with_spec_metrics_and_ar
     for tag, key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
         # as many values as metrics.jsonl has (rank 1 logged none), at the same steps
-        expected = sorted(logged(run_dir, key))
+        expected = sorted(logged(two_rank_run, key))
         assert [s for s, _ in history] == [s for s, _ in expected], tag
         assert [v for _, v in history] == pytest.approx([v for _, v in expected], rel=1e-6), tag
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "report.html", "spec.yaml", "summary.json", "data_report.json"} <= artifacts
     adapter = Path(client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / "downloaded")))
     weights = "adapter_model.safetensors"
-    assert (adapter / weights).read_bytes() == (run_dir / "adapter" / weights).read_bytes()
+    assert (adapter / weights).read_bytes() == (two_rank_run / "adapter" / weights).read_bytes()
 
 
 def test_a_run_stopped_for_requeue_and_resumed_continues_its_mlflow_run(
