@@ -29,14 +29,18 @@ from launcher.spec.models import (
     ResourcesSpec,
     Section,
     SlurmSpec,
+    SweepSpec,
     UnfreezeStage,
 )
 from launcher.spec.rules import guardrail_warnings, zero_problems
+from launcher.spec.search import DISTRIBUTIONS, Dimension, parse_dimension, parse_value
 
 __all__ = [
+    "DISTRIBUTIONS",
     "DataFormat",
     "DataSource",
     "DataSpec",
+    "Dimension",
     "FieldMap",
     "Fraction",
     "JobSpec",
@@ -50,10 +54,13 @@ __all__ = [
     "ResourcesSpec",
     "Section",
     "SlurmSpec",
+    "SweepSpec",
     "UnfreezeStage",
     "guardrail_warnings",
     "load_spec",
     "load_yaml_model",
+    "parse_dimension",
+    "parse_value",
     "resolve_relative_paths",
     "validate_spec",
     "zero_problems",
