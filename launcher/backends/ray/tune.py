@@ -94,7 +94,9 @@ def _fit(request: TuneRequest, console: Console) -> dict[str, str]:
         f"Ray Tune: {len(run_dirs)} trial(s), at most {concurrent} at once, scheduler {request.scheduler}"
     )
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"CPU": 0}),  # the workers hold the resources, not the driver
+        # The trial only drives its Ray Train run: the workers hold the CPUs and GPUs. Tune refuses a
+        # trial that asks for nothing, so it asks for one byte of memory.
+        tune.with_resources(run_trial, {"memory": 1}),
         param_space={"run_dir": tune.grid_search(run_dirs), "metric": request.metric, "mode": request.mode},
         tune_config=tune.TuneConfig(
             metric=request.metric,
