@@ -2,7 +2,8 @@
 
 - ``launcher.{errors,atomic,rundir,processes,hashing,redact}`` <- anyone; ``spec`` -> those only; ``data`` -> spec;
   ``model`` -> spec; ``plan`` -> spec, model; ``train`` -> spec, data, model, plan; ``backends`` ->
-  spec, plan, train, and a backend never imports a sibling backend; ``cli`` -> the packages' faces.
+  spec, plan, train, and a backend never imports a sibling backend; ``sweep`` -> spec, plan,
+  backends, train (never imported by a backend); ``cli`` -> the packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
   never imports ``federated``.
 - A package's ``__init__`` is its face: another package imports the package, never its modules.
@@ -39,7 +40,8 @@ ALLOWED = {
     "plan": {"spec", "model"},
     "train": {"spec", "data", "model", "plan"},
     "backends": {"spec", "plan", "train"},
-    "cli": {"spec", "data", "model", "plan", "train", "backends"},
+    "sweep": {"spec", "plan", "backends", "train"},
+    "cli": {"spec", "data", "model", "plan", "train", "backends", "sweep"},
     "federated": {"spec", "data", "model", "plan", "train", "backends"},
 }
 #: Packages with a face (their ``__init__``): other packages import only that.
@@ -50,6 +52,7 @@ FACED = (
     "launcher.plan",
     "launcher.train",
     "launcher.backends",
+    "launcher.sweep",
     "federated.strategy",
     "federated.ops",
 )
@@ -303,6 +306,8 @@ def test_the_rule_catches_what_it_forbids(tmp_path: Path) -> None:
         "launcher/spec/rules.py": "from launcher.plan import Plan",  # spec -> plan
         "launcher/data/read.py": "from launcher.model.load import load_model",  # data -> model, a module
         "launcher/backends/local.py": "from launcher.backends.deepspeed import BACKEND",  # sibling
+        "launcher/backends/slurm/script.py": "from launcher.sweep import run_sweep",  # backends -> sweep
+        "launcher/sweep/run.py": "from launcher.backends.ray.tune import tune_trials",  # not the face
         "launcher/cli.py": "from federated.ops.cli import add_commands",  # upward arrow
         "federated/client_app.py": "from federated.ops import deploy",  # app -> ops
         "launcher/plan/plan.py": "from launcher.plan.jobs import load_job",  # a cycle with jobs
@@ -317,6 +322,8 @@ def test_the_rule_catches_what_it_forbids(tmp_path: Path) -> None:
         "launcher.spec.rules",
         "launcher.data.read",
         "launcher.backends.local",
+        "launcher.backends.slurm.script",
+        "launcher.sweep.run",
         "launcher.cli",
         "federated.client_app",
     }
