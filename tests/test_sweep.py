@@ -61,8 +61,8 @@ def test_an_interrupted_sweep_continues_without_retraining_and_names_the_best(
 
     again = flotilla("sweep", str(spec), *GRID, env=WIDE)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "1 already done (skipped)" in again.stderr
     assert files_and_mtimes(trials / "trial-000") == done_before  # not trained again, not touched
+    assert "1 already done (skipped)" in again.stderr
     assert "resuming from" in again.stderr  # trial-001 went on from its checkpoint
     steps_001 = [r["step"] for r in read_jsonl(trials / "trial-001" / "metrics.jsonl") if "loss" in r]
     assert steps_001[-1] == 4 and len(steps_001) < 2 * 4
