@@ -33,10 +33,9 @@ from launcher.spec.models import (
     UnfreezeStage,
 )
 from launcher.spec.rules import guardrail_warnings, zero_problems
-from launcher.spec.search import DISTRIBUTIONS, Dimension, parse_dimension, parse_value
+from launcher.spec.search import Dimension, parse_dimension, parse_value
 
 __all__ = [
-    "DISTRIBUTIONS",
     "DataFormat",
     "DataSource",
     "DataSpec",

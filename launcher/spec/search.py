@@ -27,9 +27,6 @@ class Dimension:
     kind: str
     args: tuple[Any, ...]
 
-    def __str__(self) -> str:
-        return f"{self.kind}({','.join(str(a) for a in self.args)})"
-
 
 def parse_value(text: str) -> Any:
     """A value written on the command line or in a list: a number if it reads as one (``1e-4`` too,

@@ -17,9 +17,10 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
-from launcher.backends.ray.cluster import RayHead, connect, worker_resources
+from launcher.backends.ray.cluster import RayHead, connect, is_jobs_address, worker_resources
 from launcher.errors import FlotillaError
 from launcher.plan import Plan
+from launcher.redact import restore_secrets
 from launcher.spec import RaySpec
 
 #: What Tune's schedulers count: the Trainer's global step, reported with every evaluation.
@@ -43,23 +44,26 @@ def tune_trials(request: TuneRequest, console: Console) -> dict[str, str]:
     run directory -> ``finished``, ``stopped`` (by the scheduler) or ``failed: <why>``."""
     first = request.plans[0].job_spec()
     settings = first.ray or RaySpec()
-    if settings.address.startswith(("http://", "https://")):
+    if is_jobs_address(settings.address):
         raise FlotillaError(
             "a Ray sweep drives Tune from this process: set ray.address to the cluster's host:port or "
             "'auto' (not the Jobs API address), or 'local' for a private Ray"
         )
-    per_trial = request.plans[0].world_size * first.resources.cpus_per_worker
+    runtime_env = dict(settings.runtime_env)
+    if isinstance(runtime_env.get("env_vars"), dict):  # plan.json keeps no secret: take them from here
+        runtime_env["env_vars"] = restore_secrets(runtime_env["env_vars"], "ray.runtime_env.env_vars")
+    import ray  # an optional engine: only on the path of a Ray sweep
+
     head = None
     address = settings.address
     if address == "local":
+        per_trial = request.plans[0].world_size * first.resources.cpus_per_worker
         cpus = settings.num_cpus or per_trial * (request.max_concurrent or 1)
         console.print(f"starting a private Ray head on 127.0.0.1 with {cpus} CPUs")
         head = RayHead.start(cpus)
         address = head.address
-    import ray  # an optional engine: only on the path of a Ray sweep
-
     try:
-        connect(address, dict(settings.runtime_env) or None)
+        connect(address, runtime_env or None)
         return _fit(request, console)
     finally:
         ray.shutdown()
