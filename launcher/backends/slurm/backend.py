@@ -125,11 +125,9 @@ class SlurmBackend:
         """Submit one job array whose task ``i`` trains ``plans[i]``'s run directory, at most
         ``limit`` tasks at once; each run directory records its task (``<array id>_<i>``)."""
         first = next(iter(plans.values()))
-        shared = {k: v for k, v in script_context(first).items() if k not in ("run_dir", "workdir", "output")}
+        shared = _task_options(first)
         for index, plan in plans.items():
-            theirs = {
-                k: v for k, v in script_context(plan).items() if k not in ("run_dir", "workdir", "output")
-            }
+            theirs = _task_options(plan)
             differ = sorted(k for k in shared if shared[k] != theirs[k])
             if differ:
                 raise FlotillaError(
@@ -235,6 +233,11 @@ def queue_record(job_id: str) -> dict[str, str] | None:
         "restarts": fields.get("Restarts", "0"),
         "work_dir": fields.get("WorkDir", ""),
     }
+
+
+def _task_options(plan: Plan) -> dict[str, object]:
+    """What a job array's tasks must share: the script's variables except the run directory's."""
+    return {k: v for k, v in script_context(plan).items() if k not in ("run_dir", "workdir", "output")}
 
 
 def _number(value: object) -> int | None:
