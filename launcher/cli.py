@@ -1,4 +1,4 @@
-"""``flotilla``: validate | preprocess | plan | run | submit | status | logs | cancel | eval | export | report.
+"""``flotilla``: validate | preprocess | plan | run | submit | sweep | status | logs | cancel | eval | export | report.
 
 Thin: parses arguments, calls the layers below, prints. Bad input ends with a message, never a traceback.
 """
@@ -39,6 +39,15 @@ from launcher.redact import redact_text
 from launcher.report import load_run, write_comparison, write_report
 from launcher.rundir import hang_diagnosis
 from launcher.spec import JobSpec, guardrail_warnings
+from launcher.sweep import (
+    is_sweep_dir,
+    parse_grid_options,
+    parse_space_options,
+    run_sweep,
+    sweep_cancel,
+    sweep_logs,
+    sweep_status,
+)
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -245,9 +254,54 @@ def _dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("sweep")
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Search over spec keys: every trial an ordinary run directory; the table and the best run."""
+    options: dict[str, object] = {}
+    if args.grid:
+        options["grid"] = parse_grid_options(args.grid)
+    if args.space:
+        options["space"] = parse_space_options(args.space)
+    for key in ("random", "metric", "mode", "backend", "max_concurrent", "scheduler", "seed"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    outcome = run_sweep(Path(args.spec), args.overrides, options, console, wait=not args.detach)
+    results = outcome.results
+    metric = results["metric"]
+    table = Table(title=f"sweep {outcome.directory.name}: {metric} ({results['mode']})")
+    rows = results["trials"]
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in ("run_dir", "wall_seconds")]
+    for column in columns:
+        table.add_column(column)
+    best = (results["best"] or {}).get("trial")
+    for row in rows:
+        table.add_row(
+            *(_cell(row.get(c)) for c in columns), style="bold green" if row["trial"] == best else None
+        )
+    out.print(table)
+    out.print(
+        f"results: {outcome.directory / 'results.csv'} (and results.json, comparison.html)", soft_wrap=True
+    )
+    if results["best"]:
+        out.print(
+            f"best: {best} {metric}={results['best'][metric]:.4f}: {results['best']['run_dir']}",
+            soft_wrap=True,
+        )
+    return outcome.exit_code
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 @command("status")
 def cmd_status(args: argparse.Namespace) -> int:
 
+    if is_sweep_dir(Path(args.job)):
+        out.print(sweep_status(Path(args.job)), markup=False, soft_wrap=True)
+        return 0
     backend, job_id, run_dir = find_job(args.job, args.backend)
     out.print(backend.status(job_id, run_dir))
     return 0
@@ -256,6 +310,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 @command("logs")
 def cmd_logs(args: argparse.Namespace) -> int:
 
+    if is_sweep_dir(Path(args.job)):
+        out.print(sweep_logs(Path(args.job), args.follow), markup=False, emoji=False, soft_wrap=True, end="")
+        return 0
     backend, job_id, run_dir = find_job(args.job, args.backend)
     out.print(
         backend.logs(job_id, run_dir, follow=args.follow), markup=False, emoji=False, soft_wrap=True, end=""
@@ -266,6 +323,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
 @command("cancel")
 def cmd_cancel(args: argparse.Namespace) -> int:
 
+    if is_sweep_dir(Path(args.job)):
+        cancelled = sweep_cancel(Path(args.job))
+        out.print(f"cancelled {', '.join(cancelled) or 'nothing (every trial had ended)'}")
+        return 0
     backend, job_id, run_dir = find_job(args.job, args.backend)
     backend.cancel(job_id, run_dir)
     out.print(f"cancelled {job_id}")
@@ -394,9 +455,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted")
 
+    p = sub.add_parser("sweep", help="search over spec keys: a trial per point, the best run")
+    p.add_argument("spec")
+    p.add_argument("overrides", nargs="*", help="key.path=value (every trial)")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="values of a key (repeatable)")
+    p.add_argument(
+        "--space",
+        action="append",
+        metavar="KEY=DIST",
+        help="e.g. 'train.learning_rate=loguniform(1e-5,1e-3)'",
+    )
+    p.add_argument("--random", type=int, metavar="N", help="random samples of the space")
+    p.add_argument("--metric", help="what the best trial is chosen by (default eval_loss)")
+    p.add_argument("--mode", choices=["min", "max"])
+    p.add_argument("--backend", choices=["local", "ray", "slurm"], help="where trials run (default local)")
+    p.add_argument("--max-concurrent", type=int, metavar="K", help="trials at once (ray, slurm)")
+    p.add_argument("--scheduler", choices=["none", "asha", "median"], help="early stopping of trials (ray)")
+    p.add_argument("--seed", type=int, help="seed of the random samples (default the job's)")
+    p.add_argument("--detach", action="store_true", help="slurm: submit the job array and return")
+
     for name, text in (("status", "state of a job"), ("logs", "output of a job"), ("cancel", "stop a job")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("job", help="run directory or the backend's job id")
+        p.add_argument("job", help="run directory, sweep directory or the backend's job id")
         p.add_argument("--backend", choices=["local", "deepspeed", "ray", "slurm"])
         if name == "logs":
             p.add_argument("-f", "--follow", action="store_true")

@@ -4,7 +4,8 @@
   ``model`` -> spec; ``plan`` -> spec, model; ``report`` -> those only, and no third-party package
   (it reads finished run directories with the standard library); ``train`` -> spec, data, model,
   plan, report; ``backends`` -> spec, plan, train, and a backend never imports a sibling backend;
-  ``cli`` -> the packages' faces.
+  ``sweep`` -> spec, plan, backends, train, report (never imported by a backend); ``cli`` -> the
+  packages' faces.
 - ``federated`` -> launcher's faces; the Flower apps never import ``federated.ops``; the launcher
   never imports ``federated``.
 - A package's ``__init__`` is its face: another package imports the package, never its modules.
@@ -42,7 +43,8 @@ ALLOWED = {
     "report": set(),
     "train": {"spec", "data", "model", "plan", "report"},
     "backends": {"spec", "plan", "train"},
-    "cli": {"spec", "data", "model", "plan", "report", "train", "backends"},
+    "sweep": {"spec", "plan", "backends", "train", "report"},
+    "cli": {"spec", "data", "model", "plan", "report", "train", "backends", "sweep"},
     "federated": {"spec", "data", "model", "plan", "report", "train", "backends"},
 }
 #: Packages with a face (their ``__init__``): other packages import only that.
@@ -54,6 +56,7 @@ FACED = (
     "launcher.report",
     "launcher.train",
     "launcher.backends",
+    "launcher.sweep",
     "federated.strategy",
     "federated.ops",
 )
@@ -323,6 +326,8 @@ def test_the_rule_catches_what_it_forbids(tmp_path: Path) -> None:
         "launcher/spec/rules.py": "from launcher.plan import Plan",  # spec -> plan
         "launcher/data/read.py": "from launcher.model.load import load_model",  # data -> model, a module
         "launcher/backends/local.py": "from launcher.backends.deepspeed import BACKEND",  # sibling
+        "launcher/backends/slurm/script.py": "from launcher.sweep import run_sweep",  # backends -> sweep
+        "launcher/sweep/run.py": "from launcher.backends.ray.tune import tune_trials",  # not the face
         "launcher/cli.py": "from federated.ops.cli import add_commands",  # upward arrow
         "federated/client_app.py": "from federated.ops import deploy",  # app -> ops
         "launcher/plan/plan.py": "from launcher.plan.jobs import load_job",  # a cycle with jobs
@@ -337,6 +342,8 @@ def test_the_rule_catches_what_it_forbids(tmp_path: Path) -> None:
         "launcher.spec.rules",
         "launcher.data.read",
         "launcher.backends.local",
+        "launcher.backends.slurm.script",
+        "launcher.sweep.run",
         "launcher.cli",
         "federated.client_app",
     }

@@ -9,12 +9,20 @@ This module is the package's face: other packages import only what it lists.
 from __future__ import annotations
 
 from launcher.plan.fit import cheapest_fit, setup_for_spec, shape_for_spec, usable_bytes
-from launcher.plan.jobs import load_job, prepare_run, reopen_run, validate_job, with_backend
+from launcher.plan.jobs import (
+    PreparedRun,
+    load_job,
+    prepare_run,
+    reopen_run,
+    validate_job,
+    with_backend,
+)
 from launcher.plan.memory import estimate, format_bytes, parse_size
 from launcher.plan.plan import Plan, build_plan
 
 __all__ = [
     "Plan",
+    "PreparedRun",
     "build_plan",
     "cheapest_fit",
     "estimate",

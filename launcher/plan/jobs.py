@@ -52,12 +52,18 @@ def with_backend(overrides: list[str], backend: str | None) -> list[str]:
     return [*overrides, f"resources.backend={backend}"] if backend else overrides
 
 
-def prepare_run(spec_path: Path, overrides: list[str], backend: str | None = None) -> PreparedRun:
+def prepare_run(
+    spec_path: Path, overrides: list[str], backend: str | None = None, run_dir: Path | None = None
+) -> PreparedRun:
     """Validate the spec (``backend`` overriding its resources.backend) and create a fresh run
-    directory for it."""
+    directory for it (``run_dir``, a sweep's trial, else ``<output.dir>/<name>/<timestamp>``)."""
     overrides = with_backend(overrides, backend)
     spec = load_job(spec_path, overrides)
-    run_dir = new_run_dir(spec.output.dir, spec.name)
+    if run_dir is None:
+        run_dir = new_run_dir(spec.output.dir, spec.name)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = run_dir.resolve()
     (run_dir / "spec.yaml").write_text(redact_text(spec_path.read_text(encoding="utf-8")), encoding="utf-8")
     plan = build_plan(spec, run_dir)
     plan.warnings = guardrail_warnings(spec)

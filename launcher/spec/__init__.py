@@ -29,15 +29,18 @@ from launcher.spec.models import (
     ResourcesSpec,
     Section,
     SlurmSpec,
+    SweepSpec,
     TrackingSpec,
     UnfreezeStage,
 )
 from launcher.spec.rules import guardrail_warnings, tracking_problems, zero_problems
+from launcher.spec.search import Dimension, parse_dimension, parse_value
 
 __all__ = [
     "DataFormat",
     "DataSource",
     "DataSpec",
+    "Dimension",
     "FieldMap",
     "Fraction",
     "JobSpec",
@@ -51,11 +54,14 @@ __all__ = [
     "ResourcesSpec",
     "Section",
     "SlurmSpec",
+    "SweepSpec",
     "TrackingSpec",
     "UnfreezeStage",
     "guardrail_warnings",
     "load_spec",
     "load_yaml_model",
+    "parse_dimension",
+    "parse_value",
     "resolve_relative_paths",
     "tracking_problems",
     "validate_spec",

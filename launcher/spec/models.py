@@ -8,6 +8,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from launcher.spec.search import Dimension, parse_dimension
+
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -354,6 +356,59 @@ class TrackingSpec(Section):
     run_name: str | None = Field(default=None, min_length=1)
 
 
+class SweepSpec(Section):
+    """What a sweep searches, what it optimises and where its trials run."""
+
+    #: key path -> values; every combination is a trial (crossed with the random samples).
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    #: key path -> distribution; ``random`` samples of them are drawn.
+    space: dict[str, str] = Field(default_factory=dict)
+    random: NonNegativeInt = 0
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    backend: Literal["local", "ray", "slurm"] = "local"
+    #: Trials running at once (ray: Tune's limit, default what the cluster holds; slurm: ``%K``).
+    max_concurrent: PositiveInt | None = None
+    scheduler: Literal["none", "asha", "median"] = "none"
+    #: Seed of the random samples (default: the job's seed).
+    seed: NonNegativeInt | None = None
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_not_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        empty = [key for key, values in grid.items() if not values]
+        if empty:
+            raise ValueError(f"the grid of {', '.join(empty)} is empty: give at least one value")
+        return grid
+
+    @field_validator("space")
+    @classmethod
+    def _space_parses(cls, space: dict[str, str]) -> dict[str, str]:
+        for key, text in space.items():
+            try:
+                parse_dimension(str(text))
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return space
+
+    @model_validator(mode="after")
+    def _something_to_search(self) -> SweepSpec:
+        if self.space and not self.random:
+            raise ValueError("a space needs random: N (how many samples to draw)")
+        if self.random and not self.space:
+            raise ValueError("random: N needs a space to sample (key: loguniform(a,b), ...)")
+        if not self.grid and not self.space:
+            raise ValueError("nothing to search: give a grid or a space with random: N")
+        both = set(self.grid) & set(self.space)
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))} is in both the grid and the space")
+        return self
+
+    def dimensions(self) -> dict[str, Dimension]:
+        """The parsed random dimensions."""
+        return {key: parse_dimension(str(text)) for key, text in self.space.items()}
+
+
 class JobSpec(Section):
     """A whole fine-tuning job."""
 
@@ -369,6 +424,8 @@ class JobSpec(Section):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     slurm: SlurmSpec | None = None
     ray: RaySpec | None = None
+    #: A search over this spec's keys (``flotilla sweep``); ``flotilla run`` ignores it.
+    sweep: SweepSpec | None = None
 
     def world_size(self) -> int:
         """Number of training processes this spec asks for."""

@@ -24,6 +24,7 @@ def spec_problems(spec: JobSpec) -> list[tuple[str, str]]:
     problems += _slurm_problems(spec)
     problems += _ray_problems(spec)
     problems += tracking_problems(spec.tracking)
+    problems += _sweep_problems(spec)
     return problems
 
 
@@ -175,27 +176,32 @@ LOWER_IS_BETTER = {"eval_loss", "eval_perplexity"}
 
 
 def _early_stopping_metric_problems(spec: JobSpec) -> list[tuple[str, str]]:
-    """The metric must be one periodic evaluation produces for this task, and its mode the right way."""
     early = spec.train.early_stopping
     assert early is not None
+    return metric_problems(spec, early.metric, early.mode, "train.early_stopping")
+
+
+def metric_problems(spec: JobSpec, metric: str, mode: str, section: str) -> list[tuple[str, str]]:
+    """``metric`` must be one periodic evaluation produces for this task, and ``mode`` the right way
+    (``section.metric``, ``section.mode``: the keys a problem names)."""
     task_metrics = CLASSIFICATION_METRICS if spec.model.task == "sequence_classification" else {"perplexity"}
     produced = sorted({"eval_loss", *(f"eval_{m}" for m in task_metrics)})
-    metric = early.metric if early.metric.startswith("eval_") else f"eval_{early.metric}"
-    if metric not in produced:
-        hint = difflib.get_close_matches(metric, produced, 1)
+    named = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if named not in produced:
+        hint = difflib.get_close_matches(named, produced, 1)
         return [
             (
-                "train.early_stopping.metric",
-                f"{early.metric!r} is not a metric that evaluation produces for model.task="
+                f"{section}.metric",
+                f"{metric!r} is not a metric that evaluation produces for model.task="
                 f"{spec.model.task!r}; one of {produced}" + (f" (did you mean {hint[0]!r}?)" if hint else ""),
             )
         ]
-    right = "min" if metric in LOWER_IS_BETTER else "max"
-    if early.mode != right:
+    right = "min" if named in LOWER_IS_BETTER else "max"
+    if mode != right:
         return [
             (
-                "train.early_stopping.mode",
-                f"{metric} is better when {'lower' if right == 'min' else 'higher'}: use mode: {right}",
+                f"{section}.mode",
+                f"{named} is better when {'lower' if right == 'min' else 'higher'}: use mode: {right}",
             )
         ]
     return []
@@ -212,6 +218,33 @@ def tracking_problems(tracking: TrackingSpec, where: str = "tracking") -> list[t
         problems.append(
             (f"{where}.report_to", f"{where}.report_to lists a tracker twice: {tracking.report_to}")
         )
+    return problems
+
+
+def _sweep_problems(spec: JobSpec) -> list[tuple[str, str]]:
+    """A sweep's metric must be evaluated; a scheduler that stops trials early needs evaluations
+    during training, and Ray Tune to run it."""
+    sweep = spec.sweep
+    if sweep is None:
+        return []
+    problems = metric_problems(spec, sweep.metric, sweep.mode, "sweep")
+    if not (spec.data.validation or spec.data.validation_ratio > 0):
+        problems.append(
+            ("sweep.metric", "needs validation data (data.validation or data.validation_ratio > 0)")
+        )
+    if sweep.scheduler != "none":
+        if sweep.backend != "ray":
+            problems.append(
+                (
+                    "sweep.scheduler",
+                    f"{sweep.scheduler!r} stops trials early through Ray Tune: use sweep.backend: ray "
+                    "(--backend ray), or scheduler: none",
+                )
+            )
+        if spec.eval.steps is None:
+            problems.append(
+                ("sweep.scheduler", f"{sweep.scheduler!r} needs eval.steps (how often to report)")
+            )
     return problems
 
 

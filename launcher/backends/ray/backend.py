@@ -19,6 +19,7 @@ from rich.console import Console
 
 from launcher.backends.base import JOB_RECORD, RunHandle, write_job_record
 from launcher.backends.ray.cluster import RayHead, is_jobs_address, jobs_client, worker_resources
+from launcher.backends.ray.tune import TuneRequest, tune_trials
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import StopRequests
@@ -135,6 +136,21 @@ class RayBackend:
             return 0
         console.print(f"Ray job {handle.job_id} ended {state}: {info.message or ''}")
         return info.driver_exit_code or 1
+
+    def tune(
+        self,
+        plans: list[Plan],
+        metric: str,
+        mode: str,
+        scheduler: str,
+        max_concurrent: int | None,
+        tune_dir: Path,
+        console: Console,
+    ) -> dict[str, str]:
+        """Run ``plans`` as the trials of one Ray Tune search (:mod:`launcher.backends.ray.tune`):
+        each run directory -> ``finished``, ``stopped`` (by the scheduler) or ``failed: <why>``."""
+        request = TuneRequest(plans, metric, mode, scheduler, max_concurrent, tune_dir)
+        return tune_trials(request, console)
 
     def render(self, plan: Plan) -> str:
         """What ``flotilla submit --backend ray --dry-run`` would send to the Ray Jobs API."""

@@ -13,6 +13,7 @@ A submitted Ray Job runs :func:`drive` through ``python -m launcher.backends.ray
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,15 +52,42 @@ class ReportCheckpoints(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         metrics: dict[str, float] = {"step": state.global_step}
         for record in state.log_history:
-            metrics.update({k: float(v) for k, v in record.items() if k in ("loss", "eval_loss")})
+            metrics.update({k: float(v) for k, v in record.items() if k == "loss" or k.startswith("eval_")})
         checkpoint = Checkpoint.from_directory(str(folder)) if state.is_world_process_zero else None
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD
         )
 
 
+class ReportEvaluations(TrainerCallback):
+    """Under Ray Tune: report every evaluation's ``metric`` with the step, for Tune's scheduler.
+
+    A diverged run's NaN is reported as the worst value (``worst``): a scheduler compares numbers,
+    and NaN loses no comparison."""
+
+    def __init__(self, metric: str, worst: float) -> None:
+        self.metric = metric
+        self.worst = worst
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        import ray.train
+
+        if not metrics or self.metric not in metrics:  # the same keys on every rank: all skip
+            return
+        value = float(metrics[self.metric])
+        ray.train.report({"step": state.global_step, self.metric: self.worst if math.isnan(value) else value})
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the train core, unchanged, on the run directory."""
+    """One Ray Train worker: the train core, unchanged, on the run directory (reporting its
+    evaluations too when a Tune trial runs it: ``config["report"]``)."""
     import ray.train  # an optional engine, imported where Ray runs this function
 
     run_dir = Path(config["run_dir"])
@@ -67,8 +95,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None and rank == 0:
         print(f"Ray Train restarted the workers; last reported checkpoint: {restored.path}", file=sys.stderr)
+    callbacks: list[TrainerCallback] = [ReportCheckpoints()]
+    if config.get("report"):
+        callbacks.append(ReportEvaluations(config["report"]["metric"], config["report"]["worst"]))
     try:
-        run_training(run_dir, extra_callbacks=[ReportCheckpoints()])
+        run_training(run_dir, extra_callbacks=callbacks)
     except FlotillaError as exc:
         if exc.retryable:  # an infrastructure fault (a preflight timeout, a failed save): Ray retries
             raise
@@ -77,12 +108,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             (run_dir / BAD_INPUT_FILE).write_text(str(exc), encoding="utf-8")
 
 
-def make_trainer(plan: Plan) -> TorchTrainer:
+def make_trainer(
+    plan: Plan, report: dict[str, Any] | None = None, callbacks: list[Any] | None = None
+) -> TorchTrainer:
     """The ``TorchTrainer`` for a plan: one worker per rank.
 
     Ray's experiment directory is the run directory itself, so the checkpoints the Trainer publishes
     in ``checkpoints/`` are reported where they lie; Ray adds only its checkpoint_manager_snapshot.json
-    (and checks that every node can reach the directory).
+    (and checks that every node can reach the directory). ``report`` (metric, worst) makes the
+    workers report evaluations; ``callbacks`` are Ray Train's (Tune's report forwarding).
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -98,7 +132,7 @@ def make_trainer(plan: Plan) -> TorchTrainer:
     retries = settings.max_failures
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run_dir": plan.run_dir},
+        train_loop_config={"run_dir": plan.run_dir, "report": report},
         scaling_config=ScalingConfig(
             num_workers=plan.world_size,
             use_gpu=res.gpus_per_worker > 0,
@@ -108,6 +142,7 @@ def make_trainer(plan: Plan) -> TorchTrainer:
             name=Path(plan.run_dir).name,
             storage_path=str(Path(plan.run_dir).parent),
             failure_config=FailureConfig(max_failures=retries, controller_failure_limit=retries),
+            callbacks=callbacks,
         ),
     )
 
@@ -129,6 +164,17 @@ def fit(plan: Plan, console: Console) -> int:
         console.print("[red]error:[/]", escape(bad_input.read_text(encoding="utf-8")))
         return BAD_INPUT_EXIT_CODE
     return 0 if (run_dir / "summary.json").is_file() else REQUEUE_EXIT_CODE
+
+
+def fit_for_tune(run_dir: Path, metric: str, mode: str, callback: Any) -> None:
+    """A Tune trial's Ray Train run of ``run_dir``; raises when it fails (Tune records the error)."""
+    plan = Plan.load(run_dir / "plan.json")
+    bad_input = run_dir / BAD_INPUT_FILE
+    bad_input.unlink(missing_ok=True)
+    worst = math.inf if mode == "min" else -math.inf
+    make_trainer(plan, report={"metric": metric, "worst": worst}, callbacks=[callback]).fit()
+    if bad_input.is_file():
+        raise FlotillaError(bad_input.read_text(encoding="utf-8"))
 
 
 def drive(

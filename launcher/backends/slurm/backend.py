@@ -19,7 +19,7 @@ from rich.console import Console
 
 from launcher.atomic import write_owner_only
 from launcher.backends.base import RunHandle, follow_logs, write_job_record
-from launcher.backends.slurm.script import render_script
+from launcher.backends.slurm.script import ArrayJob, render_script, script_context
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.redact import redact_text
@@ -119,6 +119,47 @@ class SlurmBackend:
             handle.exit_code = 0 if self._wait(job_id, run_dir, console) == "SUCCEEDED" else 1
         return handle
 
+    def launch_array(
+        self, plans: dict[int, Plan], name: str, workdir: Path, limit: int | None, console: Console
+    ) -> str:
+        """Submit one job array whose task ``i`` trains ``plans[i]``'s run directory, at most
+        ``limit`` tasks at once; each run directory records its task (``<array id>_<i>``)."""
+        first = next(iter(plans.values()))
+        shared = _task_options(first)
+        for index, plan in plans.items():
+            theirs = _task_options(plan)
+            differ = sorted(k for k in shared if shared[k] != theirs[k])
+            if differ:
+                raise FlotillaError(
+                    f"a Slurm job array runs every task with the same sbatch options, but task {index} "
+                    f"differs in {', '.join(differ)}: keep resources.* and slurm.* out of the sweep"
+                )
+        if re.search(r"\s", str(workdir)):
+            raise FlotillaError(f"the folder {workdir} contains whitespace, which sbatch cannot take")
+        for plan in plans.values():
+            (Path(plan.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+        array = ArrayJob(name, {i: p.run_dir for i, p in plans.items()}, str(workdir), limit)
+        script = workdir / "array.sbatch"
+        text = render_script(first, array)
+        if redact_text(text) != text:
+            write_owner_only(script, text.encode())
+        else:
+            script.write_text(text, encoding="utf-8")
+        result = slurm_command(["sbatch", "--parsable", str(script)])
+        if result.returncode != 0:
+            raise BackendError(
+                f"sbatch refused the job array: {result.stderr.strip() or result.stdout.strip()}"
+            )
+        array_id = result.stdout.strip().split(";")[0]
+        console.print(
+            f"submitted Slurm job array {array_id}: {len(plans)} task(s), at most {limit or 'all'} at once"
+        )
+        for index, plan in plans.items():
+            write_job_record(
+                RunHandle(self.name, Path(plan.run_dir), f"{array_id}_{index}", details={"array": array_id})
+            )
+        return array_id
+
     def status(self, job_id: str, run_dir: Path | None = None) -> str:
         record = queue_record(job_id)
         if record is not None:
@@ -173,8 +214,9 @@ def queue_record(job_id: str) -> dict[str, str] | None:
     """The controller's record of a job (state, restarts, work dir), or None once it is forgotten."""
     result = slurm_command(["squeue", "--json", f"--jobs={job_id}", "--states=all"])
     if result.returncode == 0 and result.stdout.lstrip().startswith("{"):
-        for job in json.loads(result.stdout).get("jobs", []):
-            if str(job.get("job_id")) == job_id:
+        jobs = json.loads(result.stdout).get("jobs", [])
+        for job in jobs:
+            if job_id in (str(job.get("job_id")), _task_name(job)) or _pending_task(job, job_id):
                 state = job.get("job_state", "")
                 return {
                     "state": state[0] if isinstance(state, list) else state,
@@ -191,6 +233,43 @@ def queue_record(job_id: str) -> dict[str, str] | None:
         "restarts": fields.get("Restarts", "0"),
         "work_dir": fields.get("WorkDir", ""),
     }
+
+
+def _task_options(plan: Plan) -> dict[str, object]:
+    """What a job array's tasks must share: the script's variables except the run directory's."""
+    return {k: v for k, v in script_context(plan).items() if k not in ("run_dir", "workdir", "output")}
+
+
+def _number(value: object) -> int | None:
+    """A number of ``squeue --json`` (a plain number, or ``{"set": .., "number": ..}`` in newer Slurm)."""
+    if isinstance(value, dict):
+        return int(value["number"]) if value.get("set") else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _task_name(job: dict[str, object]) -> str | None:
+    """``<array id>_<index>`` of a job array's task, None for other jobs."""
+    array, index = _number(job.get("array_job_id")), _number(job.get("array_task_id"))
+    return f"{array}_{index}" if array and index is not None else None
+
+
+def _pending_task(job: dict[str, object], job_id: str) -> bool:
+    """Whether ``job_id`` (``A_i``) is among the array's tasks still pending in one record
+    (``array_task_string``: ``2-3%2``, ``1,4``)."""
+    array, _, index = job_id.partition("_")
+    if not index.isdigit() or str(_number(job.get("array_job_id"))) != array:
+        return False
+    text = str(job.get("array_task_string") or "").split("%")[0]
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        high, _, step = high.partition(":")
+        if (
+            low.isdigit()
+            and int(low) <= int(index) <= int(high or low)
+            and (int(index) - int(low)) % int(step or 1) == 0
+        ):
+            return True
+    return False
 
 
 def accounting_state(job_id: str) -> str | None:

@@ -31,8 +31,9 @@ def slurm_settings(plan: Plan) -> SlurmSpec:
     return SlurmSpec.model_validate(plan.spec.get("slurm") or {})
 
 
-def render_script(plan: Plan) -> str:
-    """The batch script that runs ``plan`` on ``plan.nodes`` nodes."""
+def render_script(plan: Plan, array: ArrayJob | None = None) -> str:
+    """The batch script that runs ``plan`` on ``plan.nodes`` nodes; with ``array``, a job array
+    whose every task runs one of the array's run directories (the plans differ in nothing else)."""
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE.parent),
         undefined=jinja2.StrictUndefined,
@@ -42,7 +43,33 @@ def render_script(plan: Plan) -> str:
         autoescape=False,
     )
     environment.filters["q"] = shlex.quote
-    return environment.get_template(TEMPLATE.name).render(script_context(plan))
+    context = script_context(plan)
+    if array is not None:
+        context.update(array_context(array))
+    return environment.get_template(TEMPLATE.name).render(context)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayJob:
+    """A job array: task index -> run directory, a shared working folder, at most ``limit`` at once."""
+
+    name: str
+    runs: dict[int, str]
+    workdir: str
+    limit: int | None = None
+
+
+def array_context(array: ArrayJob) -> dict[str, Any]:
+    """The template's variables for a job array (``--array=1,3,4%2``)."""
+    indexes = ",".join(str(i) for i in sorted(array.runs))
+    return {
+        "job_name": array.name,
+        "array": indexes + (f"%{array.limit}" if array.limit else ""),
+        "array_runs": sorted(array.runs.items()),
+        "workdir": array.workdir,
+        "output": f"{array.workdir}/slurm-%A_%a.out",
+        "run_dir": "$RUN_DIR",
+    }
 
 
 def script_context(plan: Plan) -> dict[str, Any]:
@@ -70,6 +97,10 @@ def script_context(plan: Plan) -> dict[str, Any]:
         "cpus_per_task": slurm.cpus_per_task,
         "time": slurm.time,
         "run_dir": plan.run_dir,
+        "workdir": plan.run_dir,
+        "output": f"{plan.run_dir}/slurm-%j.out",
+        "array": None,
+        "array_runs": [],
         "grace": slurm.signal_grace_seconds,
         "requeue": slurm.requeue,
         "max_restarts": slurm.max_restarts,
