@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +139,40 @@ def tiny_job(model_dir: Path, tmp_path: Path, **sections: Any) -> dict[str, Any]
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+def tiny_classifier_job(output_dir: Path, max_steps: int, **sections: Any) -> dict[str, Any]:
+    """A small sentiment job on the bundled MiniLM (LoRA on query/value), named ``cls``."""
+    spec: dict[str, Any] = {
+        "name": "cls",
+        "seed": 7,
+        "model": {"path": "minilm-l6", "task": "sequence_classification"},
+        "data": {
+            "train": str(DATA / "sentiment.jsonl"),
+            "validation": str(DATA / "sentiment_val.jsonl"),
+            "format": "classification",
+            "max_length": 64,
+            "max_train_rows": 48,
+            "max_validation_rows": 16,
+        },
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "train": {"learning_rate": 5e-3, "micro_batch_size": 16, "max_steps": max_steps, "logging_steps": 1},
+        **sections,
+        "output": {"dir": str(output_dir)},
+    }
+    return spec
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Any]:
+    """A Ray head with the dashboard (Jobs and state APIs) on 127.0.0.1, stopped by PID after the module."""
+    from launcher.backends.ray.cluster import RayHead
+
+    head = RayHead.start(num_cpus=2, dashboard=True)
+    try:
+        yield head
+    finally:
+        head.stop()
 
 
 def assert_adapter_reloads_equal(base: Path, run_dir: Path) -> dict[str, Any]:

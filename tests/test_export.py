@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher.train.export import GGUF_TOLERANCES, MERGE_TOLERANCE, logits_of, max_abs_diff
-from tests.conftest import DATA, flotilla, only_run_dir, tiny_job
+from tests.conftest import DATA, flotilla, only_run_dir, tiny_classifier_job, tiny_job
 
 #: Rows of the run's own training data, tokenized, as probes independent of the export's own.
 PROBE_ROWS = 3
@@ -133,22 +133,7 @@ def test_gguf_loads_back_through_transformers_within_its_bound(
 
 
 def test_a_classifier_export_names_its_labels(tmp_path: Path) -> None:
-    spec = {
-        "name": "cls",
-        "seed": 7,
-        "model": {"path": "minilm-l6", "task": "sequence_classification"},
-        "data": {
-            "train": str(DATA / "sentiment.jsonl"),
-            "validation": str(DATA / "sentiment_val.jsonl"),
-            "format": "classification",
-            "max_length": 64,
-            "max_train_rows": 48,
-            "max_validation_rows": 16,
-        },
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
-        "train": {"learning_rate": 5e-3, "micro_batch_size": 16, "max_steps": 3, "logging_steps": 1},
-        "output": {"dir": str(tmp_path / "runs")},
-    }
+    spec = tiny_classifier_job(tmp_path / "runs", max_steps=3)
     run = train(spec, tmp_path, "cls")
     labels = json.loads((run / "summary.json").read_text())["labels"]
     assert labels and all(not name.isdigit() for name in labels)

@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +41,6 @@ import_or_unavailable("ray.train")
 BAD_DATA = DATA / "bad" / "bad_json.jsonl"
 #: Rich wraps the CLI's messages at 80 columns when captured; keep each on one line.
 WIDE = {"COLUMNS": "1000"}
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
-    """A Ray head with the dashboard (Jobs and state APIs), stopped by PID after the module."""
-    head = RayHead.start(num_cpus=2, dashboard=True)
-    try:
-        yield head
-    finally:
-        head.stop()
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from tests.browser import (
     series_points,
     table_rows,
 )
-from tests.conftest import DATA, flotilla, only_run_dir, tiny_job
+from tests.conftest import flotilla, only_run_dir, tiny_classifier_job, tiny_job
 
 RATES = (1e-3, 5e-3)
 
@@ -48,23 +48,7 @@ def two_runs(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real sentiment classifier (the bundled MiniLM), evaluated at steps 0, 2 and 4."""
     root = tmp_path_factory.mktemp("report-classifier")
-    job = {
-        "name": "cls",
-        "seed": 7,
-        "model": {"path": "minilm-l6", "task": "sequence_classification"},
-        "data": {
-            "train": str(DATA / "sentiment.jsonl"),
-            "validation": str(DATA / "sentiment_val.jsonl"),
-            "format": "classification",
-            "max_length": 64,
-            "max_train_rows": 48,
-            "max_validation_rows": 16,
-        },
-        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
-        "train": {"learning_rate": 5e-3, "micro_batch_size": 16, "max_steps": 4, "logging_steps": 1},
-        "eval": {"steps": 2},
-        "output": {"dir": str(root / "runs")},
-    }
+    job = tiny_classifier_job(root / "runs", max_steps=4, eval={"steps": 2})
     spec = root / "cls.yaml"
     spec.write_text(yaml.safe_dump(job, sort_keys=False), encoding="utf-8")
     result = flotilla("run", str(spec))

@@ -4,10 +4,7 @@ two trials at once, each a Ray Train run; ASHA stops the trial whose learning ra
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from launcher.backends.ray.cluster import RayHead
 from launcher.rundir import read_jsonl
@@ -16,15 +13,6 @@ from tests.conftest import flotilla, import_or_unavailable, tiny_job
 import_or_unavailable("ray.tune")
 
 MAX_STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[RayHead]:
-    head = RayHead.start(num_cpus=2, dashboard=True)
-    try:
-        yield head
-    finally:
-        head.stop()
 
 
 def test_asha_stops_the_diverging_trial_before_its_last_step(
