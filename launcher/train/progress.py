@@ -89,9 +89,8 @@ class RichProgress(TrainerCallback):
         metrics: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero or not eval_columns(metrics or {}):
+        if not state.is_world_process_zero or not metrics or not eval_columns(metrics):
             return  # not an evaluation on the validation set (the train probe's is in the summary)
-        assert metrics is not None
         if self.eval_columns is None:
             self.eval_columns = eval_columns(metrics)
             self._print(eval_header(self.eval_columns))

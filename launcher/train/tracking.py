@@ -134,9 +134,8 @@ class MlflowTracker:
 class Trackers:
     """Every tracker a job reports to (none on processes other than the one that logs)."""
 
-    def __init__(self, trackers: list[Tracker], record_path: Path | None = None) -> None:
+    def __init__(self, trackers: list[Tracker]) -> None:
         self.trackers = trackers
-        self.record_path = record_path
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log the numeric values of ``metrics`` at ``step``."""
@@ -200,7 +199,7 @@ def open_trackers(
     if "mlflow" in wanted:
         trackers.append(MlflowTracker(tracking, record, flat_params(params)))
     write_json_atomic(path, record)
-    return Trackers(trackers, path)
+    return Trackers(trackers)
 
 
 def flat_params(value: Mapping[str, Any]) -> dict[str, str]:
