@@ -64,6 +64,25 @@ def test_validation_split_from_ratio_and_label_balance(tokenizer, tmp_path: Path
     assert sum(data.report.label_balance.values()) == 360
 
 
+def test_rows_keep_file_order_without_shuffle(tokenizer, tmp_path: Path) -> None:
+    """``data.shuffle: false``: the validation rows are the file's first ones, then training follows
+    the file (with shuffling, the seeded order differs)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(20)))
+
+    def first_tokens(shuffle: bool) -> list[list[int]]:
+        spec = DataSpec(train=[{"path": str(train)}], validation_ratio=0.1, shuffle=shuffle)
+        data = prepare_data(spec, tokenizer, 0, tmp_path / str(shuffle))
+        return [row["input_ids"] for row in data.validation] + [row["input_ids"] for row in data.train]
+
+    in_order = first_tokens(False)
+    expected = [
+        encode_row({"prompt": f"q{i}", "response": f"a{i}"}, tokenizer, 512)["input_ids"] for i in range(20)
+    ]
+    assert in_order == expected
+    assert first_tokens(True) != expected
+
+
 def test_chat_loss_is_on_assistant_turns_only(tokenizer) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},

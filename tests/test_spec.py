@@ -92,6 +92,11 @@ def test_overrides_apply_and_are_validated() -> None:
         ),
         ({"data": {"train": "x", "labels": ["a", "a"]}}, "data.labels"),
         ({"train": {"logit_adjustment": 1.0}}, "train.logit_adjustment"),
+        ({"data": {"train": "x", "shuffle": False, "group_by_length": True}}, "choose one"),
+        (
+            {"model": {"path": "m", "task": "sequence_classification", "attention": "per_document"}},
+            "per_document applies to model.task='causal_lm'",
+        ),
     ],
 )
 def test_cross_field_rules(change: dict, needle: str) -> None:

@@ -125,9 +125,10 @@ def _build(
     validation_parts: list[Part] = []
     for index, source in enumerate(spec.train):
         part = _clean(spec, source, scratch / f"train-{index}.arrow", report, "train")
-        order = list(range(len(part.rows)))
-        rng.shuffle(order)
-        part.rows = part.rows[order]
+        if spec.shuffle:
+            order = list(range(len(part.rows)))
+            rng.shuffle(order)
+            part.rows = part.rows[order]
         if not spec.validation and spec.validation_ratio > 0:
             n = len(part.rows)
             cut = max(1, round(n * spec.validation_ratio)) if n > 1 else 0

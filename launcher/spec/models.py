@@ -42,6 +42,9 @@ class ModelSpec(Section):
     unfreeze_schedule: list[UnfreezeStage] = Field(default_factory=list)
     trust_remote_code: bool = False
     revision: str | None = None
+    #: ``auto``: per-document attention for packed causal-LM batches (each document attends only to
+    #: itself, at a cost that follows document lengths), the model's default (SDPA) otherwise.
+    attention: Literal["auto", "sdpa", "eager", "per_document"] = "auto"
 
 
 class FieldMap(Section):
@@ -81,6 +84,8 @@ class DataSpec(Section):
     drop_overlong: bool = False
     packing: bool = False
     group_by_length: bool = False
+    #: false: training reads rows in file order (no shuffle before the split, a sequential sampler).
+    shuffle: bool = True
     max_train_rows: PositiveInt | None = None
     max_validation_rows: PositiveInt | None = None
     #: Classification: every label name, in the order the model's outputs use (default: the names
@@ -154,6 +159,9 @@ class TrainSpec(Section):
     #: Classification under label imbalance: training adds tau * log(label share of the training rows)
     #: to the logits (logit-adjusted loss); evaluation and the saved model use plain logits. 0 is off.
     logit_adjustment: NonNegativeFloat = 0.0
+    #: Causal LM: the LM head and the cross-entropy run only on positions whose next token is a
+    #: target (prompt and padding positions, whose loss is masked out, get no logits). Same loss.
+    target_only_logits: bool = True
 
 
 class EvalSpec(Section):

@@ -69,6 +69,12 @@ def _task_problems(spec: JobSpec) -> list[tuple[str, str]]:
         problems.append(("model.num_labels", "only applies to model.task='sequence_classification'"))
     if spec.train.logit_adjustment and not classification:
         problems.append(("train.logit_adjustment", "only applies to model.task='sequence_classification'"))
+    if spec.model.attention == "per_document" and classification:
+        problems.append(("model.attention", "per_document applies to model.task='causal_lm' (packed rows)"))
+    if spec.data.group_by_length and not spec.data.shuffle:
+        problems.append(
+            ("data.shuffle", "false reads rows in file order; data.group_by_length reorders them: choose one")
+        )
     labels = spec.data.labels
     if labels is not None and not classification:
         problems.append(("data.labels", "only applies to model.task='sequence_classification'"))

@@ -41,6 +41,7 @@ from launcher.plan import Plan
 from launcher.report import write_report
 from launcher.rundir import STOP_REQUEST, write_manifest
 from launcher.spec import JobSpec
+from launcher.train.attention import use_per_document_attention
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
 from launcher.train.checkpoint import latest_verified_checkpoint, save_verified
 from launcher.train.generation_metrics import generation_metrics
@@ -49,6 +50,7 @@ from launcher.train.logit_adjustment import adjust_logits_in_training, label_log
 from launcher.train.metrics import classification_metrics, is_task_metric
 from launcher.train.preflight import preflight
 from launcher.train.progress import RichProgress
+from launcher.train.target_logits import takes_logits_to_keep
 from launcher.train.tracking import TrackerCallback, Trackers, open_trackers
 from launcher.train.trainer import BatchCollator, FlotillaTrainer, LossTerm
 from launcher.train.watchdog import HangWatchdog
@@ -193,6 +195,7 @@ def build_model(
     model = load_model(spec.model, labels, tokenizer)
     # Training needs no KV cache; without one, packed rows get a block-diagonal attention mask.
     model.config.use_cache = False
+    choose_attention(model, spec)
     freeze_parameters(model, spec.model.freeze)
     model = apply_peft(model, spec.peft, spec.model.task)
     if spec.model.gradient_checkpointing:
@@ -212,6 +215,18 @@ def build_model(
                 )
         unfreeze = GradualUnfreeze(stages)
     return model, unfreeze
+
+
+def choose_attention(model: PreTrainedModel, spec: JobSpec) -> None:
+    """The attention kernel ``model.attention`` names (``auto``: per-document for packed causal LMs)."""
+    attention = spec.model.attention
+    if attention == "auto":
+        packed = spec.data.packing and spec.model.task == "causal_lm"
+        attention = "per_document" if packed else None
+    if attention == "per_document":
+        use_per_document_attention(model)
+    elif attention is not None:
+        model.set_attn_implementation(attention)
 
 
 def training_arguments(spec: JobSpec, plan: Plan, run_dir: Path) -> TrainingArguments:
@@ -248,7 +263,7 @@ def training_arguments(spec: JobSpec, plan: Plan, run_dir: Path) -> TrainingArgu
         ddp_backend="gloo" if on_cpu and plan.world_size > 1 else None,
         deepspeed=plan.deepspeed_config,
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if spec.data.group_by_length else "random",
+        train_sampling_strategy=_sampling_strategy(spec),
         length_column_name="length",
         metric_for_best_model=early.metric if early else None,
         greater_is_better=(early.mode == "max") if early else None,
@@ -259,6 +274,13 @@ def training_arguments(spec: JobSpec, plan: Plan, run_dir: Path) -> TrainingArgu
         optim=train.optimizer,
         include_num_input_tokens_seen="non_padding",
     )
+
+
+def _sampling_strategy(spec: JobSpec) -> str:
+    """The Trainer's sampler: length-grouped, file order or random."""
+    if spec.data.group_by_length:
+        return "group_by_length"
+    return "random" if spec.data.shuffle else "sequential"
 
 
 def build_trainer(
@@ -297,6 +319,7 @@ def build_trainer(
         callbacks=callbacks,
         keep_checkpoints=spec.train.save_total_limit,
         report_perplexity=not classifier,
+        target_only_logits=spec.train.target_only_logits and not classifier and takes_logits_to_keep(model),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # raw log dicts on stdout: RichProgress shows them

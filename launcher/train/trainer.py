@@ -18,6 +18,7 @@ from transformers import (
 
 from launcher.train.checkpoint import hash_share, rotate_checkpoints, seal_checkpoint
 from launcher.train.metrics import perplexity
+from launcher.train.target_logits import select_target_positions
 
 BOOKKEEPING_COLUMNS = ("full_length", "length")
 #: A term added to the training loss, from the model being trained (FedProx's proximal term).
@@ -26,14 +27,21 @@ LossTerm = Callable[[torch.nn.Module], torch.Tensor]
 
 class FlotillaTrainer(Trainer):
     """Checkpoints are staged, sealed with a hash manifest, then published by one rename; extra
-    ``loss_terms`` join the training loss (so they go through the optimizer with it)."""
+    ``loss_terms`` join the training loss (so they go through the optimizer with it);
+    ``target_only_logits``: training computes logits only where the loss has a target."""
 
     def __init__(
-        self, *args: Any, keep_checkpoints: int = 3, report_perplexity: bool = True, **kwargs: Any
+        self,
+        *args: Any,
+        keep_checkpoints: int = 3,
+        report_perplexity: bool = True,
+        target_only_logits: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
         self.report_perplexity = report_perplexity
+        self.target_only_logits = target_only_logits
         self.loss_terms: list[LossTerm] = []
         self._staging_root: str | None = None
 
@@ -44,6 +52,8 @@ class FlotillaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        if self.target_only_logits and model.training and "labels" in inputs:
+            inputs = select_target_positions(inputs)
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if not self.loss_terms or not model.training:
             return result
@@ -136,7 +146,8 @@ class BatchCollator:
         if task == "sequence_classification":
             self.inner: Any = DataCollatorWithPadding(tokenizer)
         elif packing:
-            self.inner = DataCollatorWithFlattening()
+            # cu_seq_lens_*: the document bounds per-document and flash attention read
+            self.inner = DataCollatorWithFlattening(return_flash_attn_kwargs=True)
         else:
             self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
