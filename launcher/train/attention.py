@@ -63,16 +63,16 @@ def per_document_attention(
         return _varlen_flash(query, key, value, bounds, scaling), None
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # split, not slicing: a slice's backward writes its gradient into a zero tensor of the whole row
+    # (one full-row fill and add per document); split's backward is one concatenation
+    lengths = [end - start for start, end in pairwise(bounds)]
     outputs = [
         F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0,
-            is_causal=True,
-            scale=scaling,
+            q, k, v, dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling
         )
-        for start, end in pairwise(bounds)
+        for q, k, v in zip(
+            query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2), strict=True
+        )
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
