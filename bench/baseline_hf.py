@@ -1,13 +1,19 @@
-"""The baseline: what a user writes instead of Flotilla (transformers Trainer + peft LoRA).
+"""The plain Hugging Face peer: what a user writes instead of Flotilla (transformers Trainer + peft).
 
-Plain and idiomatic on purpose: the chat template, default dynamic padding (each batch padded to its
-longest row by ``DataCollatorForSeq2Seq``), random batches, Trainer defaults for everything else.
-The same LoRA settings as Flotilla's defaults (r 8, alpha 16, dropout 0.05, all linear layers).
+Two setups a Hugging Face user picks from:
 
-The one addition is ``--log-jsonl``: a callback that appends each log record with a timestamp, the same
-thing Flotilla's metrics.jsonl does, so that bench/compare.py times both sides the same way.
+- ``--collator padding``: the default, ``DataCollatorForSeq2Seq`` pads each batch to its longest row;
+- ``--collator flatten``: ``DataCollatorWithFlattening``, the documented padding-free setup: the batch's
+  rows back to back in one row, ``position_ids`` restarting at each row (transformers builds the
+  block-diagonal mask from them).
 
-    python bench/baseline_hf.py --model DIR --data rows.jsonl --max-length 1024 --batch-size 8
+The rows come pre-tokenized (``input_ids`` and ``labels``, prompt positions -100) from
+bench/compare.py, in the order every side trains them: the Trainer reads them with a sequential
+sampler, so every side sees the same batches. LoRA r 8, alpha 16, dropout 0.05 on all linear layers
+(Flotilla's defaults), or ``--full`` for a full fine-tune. ``--log-jsonl`` appends each log record
+with a timestamp, as Flotilla's metrics.jsonl does, so both sides are timed the same way.
+
+    python bench/baseline_hf.py --model DIR --tokens rows.jsonl --batch-size 16 --max-steps 22
 """
 
 from __future__ import annotations
@@ -23,78 +29,90 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Hugging Face model folder")
-    parser.add_argument("--data", required=True, help="JSONL with prompt/response rows")
-    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--tokens", required=True, help="JSONL rows of input_ids and labels, in training order"
+    )
+    parser.add_argument("--collator", choices=["padding", "flatten"], default="padding")
+    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", default="baseline-out")
     parser.add_argument("--log-jsonl", help="append every log record with a timestamp to this file")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Fine-tune with LoRA the way the transformers and peft docs show."""
-    args = parse_args(argv)
-    from datasets import load_dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+def timestamped_log_callback(path: Path) -> Any:
+    """A TrainerCallback appending every log record, with ``step`` and ``time``, to ``path``."""
+    from transformers import TrainerCallback
 
     class LogJsonl(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            with open(log_path, "a", encoding="utf-8") as handle:
+            with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    return LogJsonl()
+
+
+def load_model(model_dir: str, full: bool) -> Any:
+    """The causal LM, with the LoRA adapter unless ``full``; no KV cache (training)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.use_cache = False
+    if full:
+        return model
     lora = LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    model = get_peft_model(model, lora)
+    return get_peft_model(model, lora)
 
-    def tokenize(row: dict[str, str]) -> dict[str, list[int]]:
-        messages = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["response"]},
-        ]
-        encoded = tokenizer.apply_chat_template(
-            messages, tokenize=True, truncation=True, max_length=args.max_length
-        )
-        return {"input_ids": encoded["input_ids"], "labels": list(encoded["input_ids"])}
 
-    dataset = load_dataset("json", data_files=args.data, split="train")
-    dataset = dataset.map(tokenize, remove_columns=dataset.column_names)
+def main(argv: list[str] | None = None) -> None:
+    """Fine-tune the way the transformers and peft docs show."""
+    args = parse_args(argv)
+    from datasets import load_dataset
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        Trainer,
+        TrainingArguments,
+    )
 
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = load_model(args.model, args.full)
+    dataset = load_dataset("json", data_files=args.tokens, split="train")
+    collator: Any = (
+        DataCollatorWithFlattening()
+        if args.collator == "flatten"
+        else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    )
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         logging_steps=1,
         save_strategy="no",
         seed=args.seed,
         report_to="none",
+        train_sampling_strategy="sequential",
+        gradient_checkpointing=args.gradient_checkpointing,
+        disable_tqdm=True,
     )
-    log_path = Path(args.log_jsonl) if args.log_jsonl else None
+    log = Path(args.log_jsonl) if args.log_jsonl else None
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-        callbacks=[LogJsonl()] if log_path else None,
+        data_collator=collator,
+        callbacks=[timestamped_log_callback(log)] if log else None,
     )
     trainer.train()
-    model.save_pretrained(args.output_dir)
 
 
 if __name__ == "__main__":

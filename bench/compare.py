@@ -1,30 +1,37 @@
-"""Flotilla against the plain Hugging Face baseline (bench/baseline_hf.py), measured side by side.
+"""Training speed of Flotilla against the strongest peers a user would pick instead, in one run.
 
-Every measurement starts a fresh process (``flotilla run`` or ``python bench/baseline_hf.py``); the
-two sides alternate within each repeat (the order flips every repeat), and ratios are taken per repeat
-and shown as min / median / max. Both sides train the real SmolLM2-135M-Instruct with the same LoRA
-settings, rows, tokens, sequence length, batch and seed.
+Sides (each run a fresh process; the order alternates every repeat):
 
-1. useful (non-pad) tokens/s on configs/data/realistic_lengths.jsonl, over the second of two epochs
-   (the first warms up): Flotilla with ``data.packing`` (and ``data.group_by_length``) vs padding;
-2. step time with Flotilla's extras off (no evaluation, no saves, no packing) on fixed-length rows;
-3. command start to the first logged optimizer step (the same runs as 2);
-4. peak RSS at sequence 1024 with and without gradient checkpointing.
+- ``hf_padding`` (a): transformers Trainer + peft, default padding (bench/baseline_hf.py);
+- ``hf_flatten`` (b): the same with ``DataCollatorWithFlattening``, the best plain-HF setup;
+- ``trl_padding_free`` (c): TRL ``SFTTrainer`` with ``padding_free=True`` (bench/baseline_trl.py);
+- ``flotilla_defaults`` (d): ``flotilla run`` with the spec's defaults;
+- ``flotilla_fast`` (e): Flotilla with its speed options on (``data.packing``, which picks
+  per-document attention, and ``train.target_only_logits``).
 
-Before any of that, it checks that packing is correct: the loss of a packed batch equals the loss of
-the same rows padded.
+Every side trains the same rows in the same order (one shuffled order, written once: Flotilla reads it
+with ``data.shuffle: false``, the peers get the same rows pre-tokenized by Flotilla's encoder and a
+sequential sampler), so every step sees the same batch; the first logged loss of every side must agree,
+which the script checks (LoRA's B starts at zero, so step 1's loss is the base model's on that batch).
+Same model (SmolLM2-135M-Instruct), LoRA, float32, threads. Useful tokens/s is the batch's real tokens
+over the timed steps (after warm-up), and efficiency is the model FLOPs of those steps
+(bench/train_flops.py) per second over the measured matmul peak of the same threads.
 
-    python bench/compare.py            # the full comparison (under 15 minutes on 2 CPU cores)
-    python bench/compare.py --quick    # a smoke run (about 2 minutes)
+Measures: tokens/s at each batch size; step time with Flotilla's extras off against (b) on fixed-length
+rows; a full fine-tune; peak memory with gradient checkpointing on for both sides. Raw results go to
+``--json`` (bench/results/compare.json); bench/results_tables.py writes the RESULTS.md tables from it.
+
+    python bench/compare.py --json bench/results/compare.json     # the full comparison
+    python bench/compare.py --quick                                # a smoke run (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -32,24 +39,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import partial
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import yaml
+from train_flops import ModelShape, matmul_peak_flops, step_flops
 
 from launcher.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
-BASELINE = REPO / "bench" / "baseline_hf.py"
+BENCH = REPO / "bench"
 LENGTHS_DATA = REPO / "configs" / "data" / "realistic_lengths.jsonl"
 MODEL_ALIAS = "smollm2-135m-instruct"
 LEARNING_RATE = 2e-4
 SEED = 42
-RUN_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 3600
+#: The first logged losses of the sides must agree this closely (relative): same batch, same loss.
+LOSS_TOLERANCE = 2e-3
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -61,68 +68,104 @@ CHILD_ENV = {
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each measurement is (kept small: the machine has 2 shared CPU cores)."""
+    """How big each measurement is."""
 
     repeats: int
-    throughput_rows: int
-    throughput_batch: int
-    throughput_max_length: int
-    step_batch: int
-    step_length: int
-    step_steps: int
-    memory_length: int
+    batches: tuple[int, ...]
+    #: max_length per batch size: rows longer are left out (the padded peer at batch 16 and 512 tokens
+    #: needs over 20 GB of float32 activations, more than a 23 GB machine has).
+    max_lengths: tuple[int, ...]
+    warmup_steps: int
+    timed_steps: tuple[int, ...]
+    fixed_batch: int
+    fixed_length: int
+    fixed_steps: int
+    full_batch: int
+    full_steps: int
+    memory_batch: int
     memory_steps: int
-    memory_repeats: int
-    memory_baseline: bool
 
 
 FULL = Sizes(
-    repeats=3,
-    throughput_rows=8,
-    throughput_batch=4,
-    throughput_max_length=512,
-    step_batch=2,
-    step_length=128,
-    step_steps=6,
-    memory_length=1024,
-    memory_steps=2,
-    memory_repeats=1,
-    memory_baseline=True,
+    repeats=1,
+    batches=(16, 4),
+    max_lengths=(256, 512),
+    warmup_steps=2,
+    timed_steps=(20, 20),
+    fixed_batch=4,
+    fixed_length=128,
+    fixed_steps=20,
+    full_batch=4,
+    full_steps=10,
+    memory_batch=4,
+    memory_steps=3,
 )
 QUICK = Sizes(
     repeats=1,
-    throughput_rows=4,
-    throughput_batch=2,
-    throughput_max_length=512,
-    step_batch=1,
-    step_length=64,
-    step_steps=3,
-    memory_length=256,
-    memory_steps=1,
-    memory_repeats=1,
-    memory_baseline=False,
+    batches=(4,),
+    max_lengths=(256,),
+    warmup_steps=1,
+    timed_steps=(3,),
+    fixed_batch=2,
+    fixed_length=64,
+    fixed_steps=3,
+    full_batch=2,
+    full_steps=2,
+    memory_batch=2,
+    memory_steps=2,
 )
+
+
+@dataclass(frozen=True)
+class Side:
+    """One way to train: a peer script with its options, or Flotilla with spec overrides."""
+
+    name: str
+    label: str
+    kind: str  # "hf", "trl" or "flotilla"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+HF_PADDING = Side("hf_padding", "(a) HF Trainer + peft, default padding", "hf", {"collator": "padding"})
+HF_FLATTEN = Side(
+    "hf_flatten", "(b) HF Trainer + peft, DataCollatorWithFlattening", "hf", {"collator": "flatten"}
+)
+TRL_PADDING_FREE = Side("trl_padding_free", "(c) TRL SFTTrainer, padding_free", "trl")
+FLOTILLA_DEFAULTS = Side("flotilla_defaults", "(d) Flotilla, defaults", "flotilla")
+FLOTILLA_FAST = Side(
+    "flotilla_fast",
+    "(e) Flotilla, packing + per-document attention + target-only logits",
+    "flotilla",
+    {
+        "data": {"packing": True},
+        "model": {"attention": "per_document"},
+        "train": {"target_only_logits": True},
+    },
+)
+FLOTILLA_EXTRAS_OFF = Side(
+    "flotilla_extras_off",
+    "Flotilla, every extra off (padding, full-head logits)",
+    "flotilla",
+    {"train": {"target_only_logits": False}},
+)
+THROUGHPUT_SIDES = (HF_PADDING, HF_FLATTEN, TRL_PADDING_FREE, FLOTILLA_DEFAULTS, FLOTILLA_FAST)
 
 
 @dataclass
 class Run:
-    """One finished process: when it started, its peak RSS, and the step records it logged."""
+    """One finished process: its peak RSS and the step records it logged."""
 
-    label: str
-    command: list[str]
-    started: float
+    side: str
     seconds: float
-    exit_code: int
     peak_rss_gib: float
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def steps(self) -> list[dict[str, Any]]:
-        """Per-step log records (loss logged every step), in step order."""
-        return sorted((r for r in self.records if "loss" in r), key=lambda r: r["step"])
+    def step_times(self) -> dict[int, float]:
+        """Wall-clock time at the end of each optimizer step (one log record per step)."""
+        return {r["step"]: r["time"] for r in self.records if "loss" in r}
 
-    def final(self) -> dict[str, Any]:
-        """The end-of-training record (total_flos, train_runtime)."""
-        return next(r for r in self.records if "total_flos" in r)
+    def first_loss(self) -> float:
+        return next(r["loss"] for r in sorted(self.records, key=lambda r: r["step"]) if "loss" in r)
 
 
 @dataclass
@@ -137,15 +180,15 @@ class Workspace:
 
     def next_name(self, label: str) -> str:
         self.counter += 1
-        return f"{label}-{self.counter}"
+        return f"{self.counter:03d}-{label}"
 
 
 # ----------------------------------------------------------------------------- processes
 
 
-def run_process(label: str, command: list[str], workspace: Workspace) -> tuple[Run, Path]:
+def run_process(name: str, command: list[str], workspace: Workspace) -> Run:
     """Run ``command`` to the end in a fresh process; its peak RSS comes from ``wait4``."""
-    log = workspace.root / "logs" / f"{label}.log"
+    log = workspace.root / "logs" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
     started = time.time()
     with log.open("w") as handle:
@@ -159,438 +202,312 @@ def run_process(label: str, command: list[str], workspace: Workspace) -> tuple[R
             if time.time() - started > RUN_TIMEOUT_S:
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.1)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    run = Run(
-        label,
-        command,
-        started,
-        time.time() - started,
-        proc.returncode,
-        usage.ru_maxrss / 2**20,  # KiB on Linux
-    )
-    if run.exit_code != 0:
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{label} failed with exit code {run.exit_code} ({log}):\n{tail}")
-    return run, log
+        raise SystemExit(f"{name} failed with exit code {exit_code} ({log}):\n{tail}")
+    return Run(name, time.time() - started, usage.ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
 
 
-def run_flotilla(label: str, spec: dict[str, Any], workspace: Workspace) -> Run:
-    """``flotilla run spec.yaml`` in a fresh process; records from the run's metrics.jsonl."""
-    name = workspace.next_name(label)
-    spec = {**spec, "name": name, "output": {"dir": str(workspace.root / "runs")}}
-    spec_path = workspace.root / f"{name}.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    run, _ = run_process(name, [*workspace.flotilla, "run", str(spec_path)], workspace)
-    (metrics,) = (workspace.root / "runs" / name).glob("*/metrics.jsonl")
-    run.records = read_jsonl(metrics)
-    return run
-
-
-def run_baseline(label: str, options: dict[str, Any], workspace: Workspace) -> Run:
-    """``python bench/baseline_hf.py ...`` in a fresh process; records from its --log-jsonl."""
-    name = workspace.next_name(label)
-    records = workspace.root / f"{name}.jsonl"
-    args = [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
-    command = [sys.executable, str(BASELINE), f"--model={workspace.model_dir}", *args]
-    command += [f"--output-dir={workspace.root / name}", f"--log-jsonl={records}"]
-    run, _ = run_process(name, command, workspace)
-    run.records = read_jsonl(records)
-    return run
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in, section by section."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
 
 
 def flotilla_spec(
-    data: Path,
-    max_length: int,
-    batch: int,
-    seed: int,
-    *,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    packing: bool = False,
-    group_by_length: bool = False,
-    gradient_checkpointing: bool = False,
+    data: Path, max_length: int, batch: int, steps: int, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A Flotilla job with its extras off: no evaluation, no checkpoints, one log per step."""
-    return {
-        "seed": seed,
-        "model": {"path": MODEL_ALIAS, "gradient_checkpointing": gradient_checkpointing},
+    """A Flotilla job over ``data`` in file order: no evaluation, one log record per step."""
+    spec = {
+        "seed": SEED,
+        "model": {"path": MODEL_ALIAS},
         "data": {
             "train": str(data),
             "format": "instruction",
             "max_length": max_length,
             "validation_ratio": 0.0,
-            "packing": packing,
-            "group_by_length": group_by_length,
+            "shuffle": False,
         },
         "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
         "train": {
             "learning_rate": LEARNING_RATE,
             "micro_batch_size": batch,
-            "epochs": epochs,
-            "max_steps": max_steps,
+            "max_steps": steps,
             "logging_steps": 1,
         },
         "eval": {"at_start": False},
         "resources": {"backend": "local", "device": "cpu"},
     }
+    return merge(spec, overrides or {})
 
 
-def alternate(repeat: int, sides: list[Callable[[], Run]]) -> list[Run]:
-    """Run every side once, in an order that flips each repeat; results in the given order."""
-    order = list(range(len(sides)))
-    if repeat % 2:
-        order.reverse()
-    results: dict[int, Run] = {}
-    for index in order:
-        results[index] = sides[index]()
-    return [results[i] for i in range(len(sides))]
+def run_flotilla(label: str, spec: dict[str, Any], workspace: Workspace) -> Run:
+    """``flotilla run`` of ``spec`` in a fresh process; records from the run's metrics.jsonl."""
+    name = workspace.next_name(label)
+    spec = {**spec, "name": name, "output": {"dir": str(workspace.root / "runs")}}
+    spec_path = workspace.root / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run = run_process(name, [*workspace.flotilla, "run", "--quiet", str(spec_path)], workspace)
+    (metrics,) = (workspace.root / "runs" / name).glob("*/metrics.jsonl")
+    run.records = read_jsonl(metrics)
+    return run
+
+
+def run_side(side: Side, data: RowSet, batch: int, steps: int, workspace: Workspace, **extra: Any) -> Run:
+    """Train ``steps`` steps of ``batch`` rows of ``data`` on ``side`` in a fresh process."""
+    if side.kind == "flotilla":
+        overrides = merge(side.options, extra.get("flotilla", {}))
+        spec = flotilla_spec(data.text_file, data.max_length, batch, steps, overrides)
+        run = run_flotilla(f"{side.name}-b{batch}", spec, workspace)
+    else:
+        name = workspace.next_name(f"{side.name}-b{batch}")
+        script = BENCH / ("baseline_hf.py" if side.kind == "hf" else "baseline_trl.py")
+        records = workspace.root / f"{name}.jsonl"
+        options = {**side.options, **extra.get("peer", {})}
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in options.items() if value is not True]
+        flags += [f"--{key.replace('_', '-')}" for key, value in options.items() if value is True]
+        command = [
+            sys.executable,
+            str(script),
+            f"--model={workspace.model_dir}",
+            f"--tokens={data.token_file}",
+        ]
+        command += [f"--batch-size={batch}", f"--max-steps={steps}", f"--learning-rate={LEARNING_RATE}"]
+        command += [
+            f"--seed={SEED}",
+            f"--output-dir={workspace.root / name}",
+            f"--log-jsonl={records}",
+            *flags,
+        ]
+        run = run_process(name, command, workspace)
+        run.records = read_jsonl(records)
+    run.side = side.name
+    return run
+
+
+def alternate(repeat: int, sides: list[Side], run: Any) -> dict[str, Run]:
+    """Run every side once, in an order that flips each repeat."""
+    order = sides[::-1] if repeat % 2 else sides
+    return {side.name: run(side) for side in order}
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+@dataclass
+class RowSet:
+    """The rows every side trains, in training order: as text (Flotilla) and as tokens (the peers)."""
+
+    text_file: Path
+    token_file: Path
+    max_length: int
+    lengths: list[int]
 
 
-def encode(tokenizer: Any, row: dict[str, str], max_length: int) -> dict[str, Any]:
-    """Flotilla's encoding of an instruction row (the train core uses the same function)."""
+def encoded_rows(tokenizer: Any, max_length: int) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """The realistic-lengths rows that fit ``max_length`` with a target, each once, with Flotilla's
+    encoding (so Flotilla's data step keeps every one of them, and the peers get its exact tokens)."""
     from launcher.data.encode import encode_row
 
-    return encode_row(row, tokenizer, max_length)
-
-
-def baseline_ids(tokenizer: Any, row: dict[str, str], max_length: int) -> list[int]:
-    """The baseline's encoding (bench/baseline_hf.py): the chat template, truncated."""
-    messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-    encoded = tokenizer.apply_chat_template(messages, tokenize=True, truncation=True, max_length=max_length)
-    return list(encoded["input_ids"])
-
-
-def has_target(item: dict[str, Any]) -> bool:
-    return any(label != -100 for label in item["labels"])
-
-
-def throughput_rows(tokenizer: Any, count: int, max_length: int) -> tuple[list[dict[str, str]], int]:
-    """The first ``count`` rows of the realistic-lengths file that fit ``max_length``, and their tokens.
-
-    Both sides must see the same token sequences, so this checks that they encode each row the same.
-    """
-    rows, tokens = [], 0
-    for line in LENGTHS_DATA.read_text().splitlines():
-        row = json.loads(line)
-        item = encode(tokenizer, row, max_length)
-        if item["full_length"] > max_length or not has_target(item):
-            continue
-        if item["input_ids"] != baseline_ids(tokenizer, row, max_length):
-            raise SystemExit(f"Flotilla and the baseline tokenize this row differently: {row['prompt'][:60]}")
-        rows.append(row)
-        tokens += len(item["input_ids"])
-        if len(rows) == count:
-            return rows, tokens
-    raise SystemExit(f"{LENGTHS_DATA} has fewer than {count} rows of at most {max_length} tokens")
-
-
-def fixed_length_rows(tokenizer: Any, count: int, length: int) -> list[dict[str, str]]:
-    """Rows that both sides truncate to exactly ``length`` tokens (so every batch has one shape)."""
+    seen: set[str] = set()
     rows = []
     for line in LENGTHS_DATA.read_text().splitlines():
         row = json.loads(line)
-        item = encode(tokenizer, row, length)
-        if len(item["input_ids"]) == length and has_target(item):
-            rows.append(row)
-        if len(rows) == count:
-            return rows
-    raise SystemExit(f"{LENGTHS_DATA} has fewer than {count} rows of {length}+ tokens")
-
-
-def long_rows(tokenizer: Any, count: int, length: int) -> list[dict[str, str]]:
-    """Rows longer than ``length`` tokens with a short prompt: long reports built from the data's replies."""
-    replies = [json.loads(line)["response"] for line in LENGTHS_DATA.read_text().splitlines()]
-    rows: list[dict[str, str]] = []
-    start = 0
-    while len(rows) < count:
-        parts: list[str] = []
-        row = {"prompt": "Write a long report about the community projects.", "response": ""}
-        while len(encode(tokenizer, row, length)["input_ids"]) < length:
-            parts.append(replies[start % len(replies)])
-            start += 1
-            row["response"] = "\n\n".join(parts)
-        rows.append(row)
+        item = encode_row(row, tokenizer, max_length)
+        key = json.dumps(row, sort_keys=True)
+        if item["full_length"] > max_length or all(x == -100 for x in item["labels"]) or key in seen:
+            continue
+        seen.add(key)
+        rows.append((row, item))
     return rows
 
 
-# ----------------------------------------------------------------------------- statistics
+def write_rows(
+    workspace: Workspace, name: str, rows: list[tuple[dict[str, str], dict[str, Any]]], max_length: int
+) -> RowSet:
+    """Write ``rows`` in this order as text and as tokens."""
+    text = workspace.root / f"{name}.jsonl"
+    tokens = workspace.root / f"{name}.tokens.jsonl"
+    text.write_text("".join(json.dumps(row) + "\n" for row, _ in rows))
+    tokens.write_text(
+        "".join(
+            json.dumps({"input_ids": item["input_ids"], "labels": item["labels"]}) + "\n" for _, item in rows
+        )
+    )
+    return RowSet(text, tokens, max_length, [len(item["input_ids"]) for _, item in rows])
 
 
-@dataclass
-class Comparison:
-    """One headline number: a ratio per repeat, its goal, and the raw values behind it."""
-
-    name: str
-    unit: str
-    flotilla: list[float]
-    baseline: list[float]
-    goal: str
-    passes: Callable[[float], bool]
-    note: str = ""
-
-    @property
-    def ratios(self) -> list[float]:
-        return [f / b for f, b in zip(self.flotilla, self.baseline, strict=True)]
-
-    def as_dict(self) -> dict[str, Any]:
-        ratios = self.ratios
-        return {
-            "name": self.name,
-            "unit": self.unit,
-            "flotilla": self.flotilla,
-            "baseline": self.baseline,
-            "ratios": ratios,
-            "ratio_min_median_max": [min(ratios), statistics.median(ratios), max(ratios)],
-            "goal": self.goal,
-            "met": self.passes(statistics.median(ratios)),
-            "note": self.note,
-        }
+def shuffled_rows(tokenizer: Any, workspace: Workspace, max_length: int, count: int, seed: int) -> RowSet:
+    """``count`` realistic rows in one seeded random order (the order every side trains)."""
+    rows = encoded_rows(tokenizer, max_length)
+    if len(rows) < count:
+        raise SystemExit(
+            f"{LENGTHS_DATA} has {len(rows)} rows of at most {max_length} tokens; {count} needed"
+        )
+    random.Random(seed).shuffle(rows)
+    return write_rows(workspace, f"rows-{max_length}-{count}-{seed}", rows[:count], max_length)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+def fixed_length_rows(tokenizer: Any, workspace: Workspace, length: int, count: int) -> RowSet:
+    """``count`` rows truncated to exactly ``length`` tokens (every batch has one shape, no padding)."""
+    from launcher.data.encode import encode_row
 
-
-def step_seconds(run: Run) -> float:
-    """Median time between consecutive optimizer steps, the first step excluded."""
-    times = [r["time"] for r in run.steps()]
-    return median([b - a for a, b in pairwise(times)])
-
-
-def second_epoch_tokens_per_second(run: Run, steps_per_epoch: int, tokens_per_epoch: int) -> float:
-    """Useful tokens per second over the second epoch (from the end of step E to the end of step 2E)."""
-    times = {r["step"]: r["time"] for r in run.steps()}
-    return tokens_per_epoch / (times[2 * steps_per_epoch] - times[steps_per_epoch])
-
-
-def start_to_first_step(run: Run) -> float:
-    """Seconds from the command's start to the first logged optimizer step."""
-    return run.steps()[0]["time"] - run.started
+    rows = []
+    for line in LENGTHS_DATA.read_text().splitlines():
+        row = json.loads(line)
+        item = encode_row(row, tokenizer, length)
+        if len(item["input_ids"]) == length and any(x != -100 for x in item["labels"]):
+            rows.append((row, item))
+        if len(rows) == count:
+            return write_rows(workspace, f"fixed-{length}", rows, length)
+    raise SystemExit(f"{LENGTHS_DATA} has fewer than {count} rows of {length}+ tokens")
 
 
 # ----------------------------------------------------------------------------- measurements
 
 
-def packing_check(tokenizer: Any) -> dict[str, Any]:
-    """The loss of a packed (flattened) batch must equal the loss of the same rows padded.
-
-    The model comes from the train core's ``build_model`` for a job with ``data.packing: true``.
-    As a control, the packed batch run with a KV cache (transformers' default, ``use_cache=True``)
-    must give a different loss: with a cache transformers skips the block-diagonal mask and rows
-    attend to each other, which is what the check has to be able to tell apart.
-    """
-    import torch
-
-    from launcher.spec.models import JobSpec
-    from launcher.train.core import build_model
-    from launcher.train.trainer import BatchCollator
-
-    spec = JobSpec.model_validate(
-        {
-            "name": "packing-check",
-            "model": {"path": MODEL_ALIAS},
-            "data": {"train": str(LENGTHS_DATA), "packing": True},
-        }
-    )
-    rows = [json.loads(line) for line in LENGTHS_DATA.read_text().splitlines()[:4]]
-    features = [encode(tokenizer, row, 512) for row in rows]
-    model, _ = build_model(spec, None, tokenizer)
-    model.eval()  # no dropout, so both forms see the same function
-    padded = BatchCollator(tokenizer, "causal_lm", packing=False)(features)
-    packed = BatchCollator(tokenizer, "causal_lm", packing=True)(features)
-    with torch.no_grad():
-        losses = {
-            "padded": float(model(**padded).loss),
-            "packed": float(model(**packed).loss),
-            "packed_with_kv_cache": float(model(**packed, use_cache=True).loss),
-        }
-    del model
-    difference = abs(losses["packed"] - losses["padded"])
-    control = abs(losses["packed_with_kv_cache"] - losses["padded"])
-    return {
-        "rows": len(rows),
-        "lengths": [len(f["input_ids"]) for f in features],
-        "padded_shape": list(padded["input_ids"].shape),
-        "packed_shape": list(packed["input_ids"].shape),
-        "losses": losses,
-        "abs_difference": difference,
-        "control_abs_difference": control,
-        "equal": difference < 1e-4 * losses["padded"] and control > 100 * max(difference, 1e-7),
-    }
+def timed_rate(run: Run, data: RowSet, batch: int, warmup: int, timed: int) -> dict[str, float]:
+    """Useful tokens/s and seconds per step over steps ``warmup+1 .. warmup+timed``."""
+    times = run.step_times()
+    seconds = times[warmup + timed] - times[warmup]
+    tokens = sum(data.lengths[warmup * batch : (warmup + timed) * batch])
+    return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / timed, "tokens": tokens}
 
 
-def measure_throughput(
-    sizes: Sizes, workspace: Workspace, tokenizer: Any, group_by_length: bool
-) -> list[Comparison]:
-    """(1) useful tokens/s over the second epoch: Flotilla packing (and length grouping) vs padding."""
-    rows, tokens = throughput_rows(tokenizer, sizes.throughput_rows, sizes.throughput_max_length)
-    data = write_jsonl(workspace.root / "throughput.jsonl", rows)
-    steps_per_epoch = math.ceil(len(rows) / sizes.throughput_batch)
-    length, batch = sizes.throughput_max_length, sizes.throughput_batch
-    variants = {"packing": {"packing": True}}
-    if group_by_length:
-        variants["group_by_length"] = {"group_by_length": True}
-    values: dict[str, list[float]] = {name: [] for name in [*variants, "baseline"]}
-    work: dict[str, list[float]] = {name: [] for name in values}
+def same_first_loss(runs: dict[str, Run]) -> dict[str, Any]:
+    """The sides' first logged losses, and whether they agree (the same batch, the same loss)."""
+    losses = {name: run.first_loss() for name, run in runs.items()}
+    reference = statistics.median(losses.values())
+    spread = max(abs(v - reference) for v in losses.values()) / reference
+    return {"first_losses": losses, "relative_spread": spread, "agree": spread <= LOSS_TOLERANCE}
+
+
+def measure_sides(
+    sides: list[Side],
+    data: RowSet,
+    batch: int,
+    warmup: int,
+    timed: int,
+    sizes: Sizes,
+    context: Context,
+    full: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Tokens/s, step time, efficiency and peak memory of every side, ``sizes.repeats`` times."""
+    per_side: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+    checks = []
     for repeat in range(sizes.repeats):
-        seed = SEED + repeat  # a new batch composition each repeat, the same on both sides
-        sides = [
-            partial(
-                run_flotilla,
-                "tput-flotilla",
-                flotilla_spec(data, length, batch, seed, epochs=2, **options),
-                workspace,
-            )
-            for options in variants.values()
-        ]
-        options = {"data": data, "max_length": length, "batch_size": batch, "epochs": 2, "seed": seed}
-        sides.append(
-            partial(run_baseline, "tput-baseline", {**options, "learning_rate": LEARNING_RATE}, workspace)
-        )
-        for name, run in zip(values, alternate(repeat, sides), strict=True):
-            values[name].append(second_epoch_tokens_per_second(run, steps_per_epoch, tokens))
-            work[name].append(run.final()["total_flos"])
-        print(
-            f"  throughput repeat {repeat + 1}: "
-            + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in values.items())
-        )
-    comparisons = []
-    for name in variants:
-        padding = [b / f for b, f in zip(work["baseline"], work[name], strict=True)]
-        comparisons.append(
-            Comparison(
-                f"useful tokens/s, {name} vs padding",
-                "tokens/s",
-                values[name],
-                values["baseline"],
-                ">= 2.0x",
-                lambda r: r >= 2.0,
-                f"{len(rows)} rows, {tokens} useful tokens per epoch, batch {batch}, max_length {length}; "
-                f"model FLOPs baseline/flotilla (= tokens computed ratio) "
-                f"{min(padding):.2f}/{median(padding):.2f}/{max(padding):.2f}",
-            )
-        )
-    return comparisons
-
-
-def measure_steps_and_start(sizes: Sizes, workspace: Workspace, tokenizer: Any) -> list[Comparison]:
-    """(2) step time with the extras off and (3) command start to first step, from the same runs."""
-    batch, length, steps = sizes.step_batch, sizes.step_length, sizes.step_steps
-    rows = fixed_length_rows(tokenizer, batch * steps, length)
-    data = write_jsonl(workspace.root / "fixed.jsonl", rows)
-    baseline_options = {
-        "data": data,
-        "max_length": length,
-        "batch_size": batch,
-        "max_steps": steps,
-        "seed": SEED,
-        "learning_rate": LEARNING_RATE,
-    }
-    flotilla_runs, baseline_runs = [], []
-    for repeat in range(sizes.repeats):
-        flotilla_run, baseline_run = alternate(
+        runs = alternate(
             repeat,
-            [
-                partial(
-                    run_flotilla,
-                    "step-flotilla",
-                    flotilla_spec(data, length, batch, SEED, max_steps=steps),
-                    workspace,
-                ),
-                partial(run_baseline, "step-baseline", baseline_options, workspace),
-            ],
+            sides,
+            lambda side: run_side(side, data, batch, warmup + timed, context.workspace, **extra),
         )
-        flotilla_runs.append(flotilla_run)
-        baseline_runs.append(baseline_run)
+        checks.append(same_first_loss(runs))
+        for name, run in runs.items():
+            rate = timed_rate(run, data, batch, warmup, timed)
+            steps = [
+                data.lengths[i : i + batch] for i in range(warmup * batch, (warmup + timed) * batch, batch)
+            ]
+            flops = sum(step_flops(context.shape, lengths, full) for lengths in steps)
+            rate["efficiency"] = flops / (rate["seconds_per_step"] * timed) / context.peak["flops_per_second"]
+            rate["peak_rss_gib"] = run.peak_rss_gib
+            per_side[name].append(rate)
         print(
-            f"  step/start repeat {repeat + 1}: step {step_seconds(flotilla_run):.2f}s vs "
-            f"{step_seconds(baseline_run):.2f}s, start {start_to_first_step(flotilla_run):.1f}s vs "
-            f"{start_to_first_step(baseline_run):.1f}s"
+            f"  batch {batch} repeat {repeat + 1}: "
+            + ", ".join(f"{n} {v[-1]['tokens_per_second']:.1f} tok/s" for n, v in per_side.items())
+            + f"; first losses agree: {checks[-1]['agree']} (spread {checks[-1]['relative_spread']:.1e})",
+            flush=True,
         )
-    shape = f"batch {batch} x {length} tokens, {steps} steps"
-    return [
-        Comparison(
-            "step time, extras off",
-            "s/step",
-            [step_seconds(r) for r in flotilla_runs],
-            [step_seconds(r) for r in baseline_runs],
-            "<= 1.03x",
-            lambda r: r <= 1.03,
-            f"{shape}; median of steps 2..{steps}",
-        ),
-        Comparison(
-            "command start to first optimizer step",
-            "s",
-            [start_to_first_step(r) for r in flotilla_runs],
-            [start_to_first_step(r) for r in baseline_runs],
-            "<= 1.2x",
-            lambda r: r <= 1.2,
-            f"`flotilla run` vs `python bench/baseline_hf.py`, {shape}",
-        ),
-    ]
-
-
-def measure_memory(sizes: Sizes, workspace: Workspace, tokenizer: Any) -> tuple[Comparison, dict[str, Any]]:
-    """(4) peak RSS at ``memory_length`` tokens, gradient checkpointing on vs off (fresh process each)."""
-    length, steps = sizes.memory_length, sizes.memory_steps
-    data = write_jsonl(workspace.root / "long.jsonl", long_rows(tokenizer, steps, length))
-    on, off, baseline, step_on, step_off = [], [], [], [], []
-    for repeat in range(sizes.memory_repeats):
-        sides = [
-            partial(
-                run_flotilla,
-                "mem-gc-on",
-                flotilla_spec(data, length, 1, SEED, max_steps=steps, gradient_checkpointing=True),
-                workspace,
-            ),
-            partial(
-                run_flotilla, "mem-gc-off", flotilla_spec(data, length, 1, SEED, max_steps=steps), workspace
-            ),
-        ]
-        if sizes.memory_baseline:
-            options = {"data": data, "max_length": length, "batch_size": 1, "max_steps": steps, "seed": SEED}
-            sides.append(partial(run_baseline, "mem-baseline", options, workspace))
-        runs = alternate(repeat, sides)
-        on.append(runs[0].peak_rss_gib)
-        off.append(runs[1].peak_rss_gib)
-        if sizes.memory_baseline:
-            baseline.append(runs[2].peak_rss_gib)
-        if steps > 1:
-            step_on.append(step_seconds(runs[0]))
-            step_off.append(step_seconds(runs[1]))
-        print(f"  memory repeat {repeat + 1}: GC on {on[-1]:.2f} GiB, GC off {off[-1]:.2f} GiB")
-    comparison = Comparison(
-        "peak RSS, gradient checkpointing on vs off",
-        "GiB",
-        on,
-        off,
-        ">= 30% less (ratio <= 0.70x)",
-        lambda r: r <= 0.70,
-        f"Flotilla, batch 1 x {length} tokens, {steps} step(s); whole-process high-water mark",
-    )
-    extra = {
-        "baseline_peak_rss_gib": baseline,
-        "gc_on_step_seconds": step_on,
-        "gc_off_step_seconds": step_off,
+    return {
+        "batch": batch,
+        "max_length": data.max_length,
+        "warmup_steps": warmup,
+        "timed_steps": timed,
+        "rows": len(data.lengths),
+        "useful_tokens_per_step": statistics.mean(data.lengths) * batch,
+        "full_fine_tune": full,
+        "sides": {side.name: {"label": side.label, "repeats": per_side[side.name]} for side in sides},
+        "first_loss_checks": checks,
     }
-    return comparison, extra
+
+
+@dataclass
+class Context:
+    """What every measurement shares."""
+
+    workspace: Workspace
+    tokenizer: Any
+    shape: ModelShape
+    peak: dict[str, Any]
+
+
+def measure_throughput(sizes: Sizes, context: Context) -> list[dict[str, Any]]:
+    """(1) useful tokens/s of every side at each batch size, on the realistic rows in one shared order."""
+    results = []
+    for batch, max_length, timed in zip(sizes.batches, sizes.max_lengths, sizes.timed_steps, strict=True):
+        count = batch * (sizes.warmup_steps + timed)
+        data = shuffled_rows(context.tokenizer, context.workspace, max_length, count, SEED)
+        results.append(
+            measure_sides(list(THROUGHPUT_SIDES), data, batch, sizes.warmup_steps, timed, sizes, context)
+        )
+    return results
+
+
+def measure_fixed(sizes: Sizes, context: Context) -> dict[str, Any]:
+    """(2) step time with Flotilla's extras off against (b) on fixed-length rows (nothing to pad)."""
+    batch, steps = sizes.fixed_batch, sizes.fixed_steps
+    data = fixed_length_rows(
+        context.tokenizer, context.workspace, sizes.fixed_length, batch * (sizes.warmup_steps + steps)
+    )
+    return measure_sides(
+        [HF_FLATTEN, FLOTILLA_EXTRAS_OFF], data, batch, sizes.warmup_steps, steps, sizes, context
+    )
+
+
+def measure_full(sizes: Sizes, context: Context) -> dict[str, Any]:
+    """(3) a full fine-tune: (b) against Flotilla's fast setup, realistic rows."""
+    batch, steps = sizes.full_batch, sizes.full_steps
+    max_length = sizes.max_lengths[-1]
+    data = shuffled_rows(
+        context.tokenizer, context.workspace, max_length, batch * (sizes.warmup_steps + steps), SEED + 1
+    )
+    extra = {"flotilla": {"peft": {"method": "none"}}, "peer": {"full": True}}
+    return measure_sides(
+        [HF_FLATTEN, FLOTILLA_FAST],
+        data,
+        batch,
+        sizes.warmup_steps,
+        steps,
+        sizes,
+        context,
+        full=True,
+        **extra,
+    )
+
+
+def measure_memory(sizes: Sizes, context: Context) -> dict[str, Any]:
+    """(4) peak memory with gradient checkpointing on for both sides, (b) against Flotilla's fast setup."""
+    batch, steps = sizes.memory_batch, sizes.memory_steps
+    max_length = sizes.max_lengths[-1]
+    data = shuffled_rows(context.tokenizer, context.workspace, max_length, batch * steps, SEED + 2)
+    extra = {
+        "flotilla": {"model": {"gradient_checkpointing": True}},
+        "peer": {"gradient_checkpointing": True},
+    }
+    return measure_sides([HF_FLATTEN, FLOTILLA_FAST], data, batch, 1, steps - 1, sizes, context, **extra)
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
-    """What ran the benchmark, and how busy it was."""
+def machine(threads: int) -> dict[str, Any]:
+    """What ran the benchmark."""
     import torch
     import transformers
+    import trl
 
     cpu = next(
         (
@@ -608,29 +525,13 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "trl": trl.__version__,
+        "threads_per_process": threads,
     }
 
 
-def print_table(comparisons: list[Comparison]) -> None:
-    header = (
-        f"{'measure':<44} {'flotilla':>10} {'baseline':>10}  {'ratio min/median/max':<22} {'goal':<30} met"
-    )
-    print(header)
-    print("-" * len(header))
-    for comparison in comparisons:
-        d = comparison.as_dict()
-        low, mid, high = d["ratio_min_median_max"]
-        print(
-            f"{comparison.name:<44} {median(comparison.flotilla):>10.3f} {median(comparison.baseline):>10.3f}  "
-            f"{low:.3f} / {mid:.3f} / {high:.3f}{'':<4} {comparison.goal:<30} {'yes' if d['met'] else 'NO'}"
-        )
-        if comparison.note:
-            print(f"    {comparison.note}")
-
-
 def make_workspace(keep: Path | None, threads: int) -> Workspace:
-    """A scratch folder, the model folder both sides load, and the environment of every run."""
+    """A scratch folder, the model folder every side loads, and the environment of every run."""
     from launcher.model.load import loadable_source
     from launcher.spec.models import ModelSpec
 
@@ -640,39 +541,31 @@ def make_workspace(keep: Path | None, threads: int) -> Workspace:
     script = Path(sys.executable).parent / "flotilla"
     flotilla = [str(script)] if script.is_file() else [sys.executable, "-m", "launcher.cli"]
     env = {**os.environ, **CHILD_ENV, "HF_DATASETS_CACHE": str(root / "hf-datasets-cache")}
+    env["FLOTILLA_CACHE"] = str(root / "flotilla-cache")
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update({name: str(threads) for name in THREAD_VARIABLES})
     return Workspace(root, model_dir, env, flotilla)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every comparison and print the table (and write JSON with --json)."""
-    parser = argparse.ArgumentParser(description="Flotilla vs the plain Hugging Face baseline")
-    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke run (1 repeat, tiny sizes)")
+    """Run the measurements, print a summary, write the raw results with --json."""
+    parser = argparse.ArgumentParser(description="Flotilla's training speed against its strongest peers")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny sizes)")
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
-    parser.add_argument("--throughput-batch", type=int, help="override the batch of the tokens/s measure")
-    parser.add_argument("--only", nargs="+", choices=["packing", "throughput", "steps", "memory"])
+    parser.add_argument("--timed-steps", type=int, nargs="+", help="timed steps per batch size")
+    parser.add_argument("--only", nargs="+", choices=["throughput", "fixed", "full", "memory"])
     parser.add_argument(
-        "--group-by-length", action="store_true", help="also measure data.group_by_length (padding)"
+        "--threads", type=int, default=1, help="torch threads per training process, the same for every side"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads per training process, the same on both sides (default 1: on a shared machine "
-        "more threads than free cores spin-wait and slow everything down many times over)",
-    )
-    parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--json", type=Path, help="write every raw number to this file")
     parser.add_argument("--workdir", type=Path, help="keep runs and logs here (default: a temp folder)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.repeats:
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
-    if args.throughput_batch:
-        rows = max(sizes.throughput_rows, 2 * args.throughput_batch)  # two optimizer steps per epoch
-        sizes = Sizes(**{**asdict(sizes), "throughput_batch": args.throughput_batch, "throughput_rows": rows})
-    wanted = set(args.only or ["packing", "throughput", "steps", "memory"])
-
-    import torch
+    if args.timed_steps:
+        sizes = Sizes(**{**asdict(sizes), "timed_steps": tuple(args.timed_steps)})
+    wanted = args.only or ["throughput", "fixed", "full", "memory"]
 
     from launcher.model.load import load_tokenizer
     from launcher.spec.models import ModelSpec
@@ -680,49 +573,46 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     workspace = make_workspace(args.workdir, args.threads)
-    torch.set_num_threads(args.threads)  # for the packing check in this process
-    tokenizer = load_tokenizer(ModelSpec(path=MODEL_ALIAS))
-    print(
-        f"work folder {workspace.root}; load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
+    context = Context(
+        workspace,
+        load_tokenizer(ModelSpec(path=MODEL_ALIAS)),
+        ModelShape.of(str(workspace.model_dir)),
+        matmul_peak_flops(args.threads),
     )
+    print(f"work folder {workspace.root}; matmul peak {context.peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
     results: dict[str, Any] = {
-        "mode": "quick" if args.quick else "full",
-        "sizes": asdict(sizes),
-        "threads_per_process": args.threads,
         "command": " ".join(["python", "bench/compare.py", *(argv if argv is not None else sys.argv[1:])]),
+        "sizes": asdict(sizes),
+        "model_shape": asdict(context.shape),
+        "matmul_peak": context.peak,
     }
-    comparisons: list[Comparison] = []
-    if "packing" in wanted:
-        check = packing_check(tokenizer)
-        results["packing_check"] = check
-        print(f"packing check: {check['losses']} -> {'equal' if check['equal'] else 'NOT EQUAL'}")
-    if "throughput" in wanted:
-        comparisons += measure_throughput(sizes, workspace, tokenizer, args.group_by_length)
-    if "steps" in wanted:
-        comparisons += measure_steps_and_start(sizes, workspace, tokenizer)
-    if "memory" in wanted:
-        comparison, results["memory_extra"] = measure_memory(sizes, workspace, tokenizer)
-        comparisons.append(comparison)
-    load_after = os.getloadavg()
+    measures = {
+        "throughput": measure_throughput,
+        "fixed": measure_fixed,
+        "full": measure_full,
+        "memory": measure_memory,
+    }
+    for name in wanted:
+        print(f"{name}:", flush=True)
+        results[name] = measures[name](sizes, context)
     results.update(
-        machine=machine(),
+        machine=machine(args.threads),
         load_average_start=load_before,
-        load_average_end=load_after,
+        load_average_end=os.getloadavg(),
         wall_seconds=time.time() - started,
-        comparisons=[c.as_dict() for c in comparisons],
-    )
-    print()
-    print_table(comparisons)
-    print(
-        f"\nwall time {results['wall_seconds']:.0f} s; load average at start {load_before[0]:.2f}, "
-        f"at end {load_after[0]:.2f} (1 min)"
     )
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     if not args.workdir:
         shutil.rmtree(workspace.root, ignore_errors=True)
-    packing_ok = results.get("packing_check", {}).get("equal", True)
-    return 0 if packing_ok else 1
+    print(f"wall time {results['wall_seconds']:.0f} s")
+    checks = [
+        c
+        for m in (results.get(n) for n in wanted)
+        for r in (m if isinstance(m, list) else [m])
+        for c in r["first_loss_checks"]
+    ]
+    return 0 if all(c["agree"] for c in checks) else 1
 
 
 if __name__ == "__main__":
