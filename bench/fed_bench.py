@@ -16,7 +16,12 @@ SmolLM2-135M's shapes (r 8 on q_proj 576->576 and v_proj 576->192, 30 layers; a 
 slow case for a truncated SVD): FedAvg, the LoRA-product average (top-rank triplets on the factors),
 and the previous implementation of it (dense SVD of every ΔW) for the ratio and an accuracy check.
 
-    python bench/fed_bench.py [--sites 100] [--repeats 3] [--json out.json] [--qv-only]
+With ``--compare-to REV`` the LoRA-product average of ``federated/strategy/aggregation.py`` as it
+was at git revision REV is timed too, alternating call by call with the current one in the same
+process (so both see the same machine load), and the largest difference between their products is
+reported.
+
+    python bench/fed_bench.py [--sites 100] [--repeats 3] [--json out.json] [--qv-only] [--compare-to REV]
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -116,19 +123,54 @@ def round_messages(state: dict[str, Any]) -> tuple[Any, Any]:
 
 def timed(function: Callable[[], Any], repeats: int) -> dict[str, list[float]]:
     """Wall and CPU seconds of each of ``repeats`` calls (CPU time is robust to a busy machine)."""
-    wall, cpu = [], []
+    return timed_alternating({"": function}, repeats)[""]
+
+
+def timed_alternating(
+    functions: dict[str, Callable[[], Any]], repeats: int
+) -> dict[str, dict[str, list[float]]]:
+    """``timed`` for several functions, called in turn ``repeats`` times (old vs new under one load)."""
+    clocks: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in functions}
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        function()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return {"wall": wall, "cpu": cpu}
+        for name, function in functions.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            function()
+            clocks[name]["wall"].append(time.perf_counter() - start)
+            clocks[name]["cpu"].append(time.process_time() - start_cpu)
+    return clocks
+
+
+def aggregation_at(revision: str) -> ModuleType:
+    """``federated/strategy/aggregation.py`` as committed at git ``revision``, loaded as a module."""
+    root = Path(__file__).resolve().parents[1]
+    path = "federated/strategy/aggregation.py"
+    source = subprocess.run(
+        ["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    module = ModuleType(f"aggregation_at_{revision}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def max_product_difference(got: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+    """Largest relative Frobenius distance between the two adapters' B A, over LoRA modules."""
+    from federated.strategy.aggregation import lora_pairs
+
+    worst = 0.0
+    for a_key, b_key in lora_pairs(got).values():
+        mine = got[b_key].astype(np.float64) @ got[a_key].astype(np.float64)
+        theirs = ref[b_key].astype(np.float64) @ ref[a_key].astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(mine - theirs) / np.linalg.norm(theirs)))
+    return worst
 
 
 def aggregation_times(
-    reference: dict[str, np.ndarray], sites: int, repeats: int, seed: int
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds to validate and aggregate ``sites`` updates of the reference adapter's shape."""
+    reference: dict[str, np.ndarray], sites: int, repeats: int, seed: int, previous: ModuleType | None = None
+) -> tuple[dict[str, dict[str, list[float]]], float | None]:
+    """Seconds to validate and aggregate ``sites`` updates of the reference adapter's shape; with
+    ``previous`` (an older aggregation module) its LoRA-product average too, alternating with the
+    current one, and the largest relative difference between their products (else ``None``)."""
     from federated.strategy.aggregation import Update, fedavg, lora_product_average, validate_updates
 
     rng = np.random.default_rng(seed)
@@ -141,11 +183,19 @@ def aggregation_times(
         for i in range(sites)
     ]
     rank = next(v.shape[0] for k, v in reference.items() if ".lora_A." in k)
-    return {
+    times = {
         "validate_updates": timed(lambda: validate_updates(updates, reference), repeats),
         "fedavg": timed(lambda: fedavg(updates), repeats),
-        "lora_product_average": timed(lambda: lora_product_average(updates, rank), repeats),
     }
+    new: dict[str, np.ndarray] = {}
+    old: dict[str, np.ndarray] = {}
+    products = {"lora_product_average": lambda: new.update(lora_product_average(updates, rank))}
+    if previous is not None:
+        products["lora_product_average (previous)"] = lambda: old.update(
+            previous.lora_product_average(updates, rank)
+        )
+    times.update(timed_alternating(products, repeats))
+    return times, (max_product_difference(new, old) if previous is not None else None)
 
 
 #: SmolLM2-135M: hidden size 576, 3 key/value heads of 64, 30 layers.
@@ -195,7 +245,7 @@ def dense_product_average(updates: list[Any], rank: int) -> dict[str, np.ndarray
     return {key: result[key] for key in keys}
 
 
-def qv_aggregation(sites: int, repeats: int, seed: int) -> dict[str, Any]:
+def qv_aggregation(sites: int, repeats: int, seed: int, previous: ModuleType | None = None) -> dict[str, Any]:
     """Seconds of FedAvg, the LoRA-product average and its dense predecessor on SmolLM2 q/v updates,
     how far the two products are apart (relative Frobenius, worst module), and how far the ratio of
     their errors ||ΔW - B A||_F is from 1 (worst module; the dense one is the Eckart-Young optimum)."""
@@ -205,11 +255,17 @@ def qv_aggregation(sites: int, repeats: int, seed: int) -> dict[str, Any]:
     updates = qv_updates(sites, seed, rank)
     new: dict[str, np.ndarray] = {}
     old: dict[str, np.ndarray] = {}
-    times = {
-        "fedavg": timed(lambda: fedavg(updates), repeats),
-        "lora_product_average": timed(lambda: new.update(lora_product_average(updates, rank)), repeats),
-        "dense_product_average": timed(lambda: old.update(dense_product_average(updates, rank)), repeats),
+    before: dict[str, np.ndarray] = {}
+    functions = {
+        "fedavg": lambda: fedavg(updates),
+        "lora_product_average": lambda: new.update(lora_product_average(updates, rank)),
+        "dense_product_average": lambda: old.update(dense_product_average(updates, rank)),
     }
+    if previous is not None:
+        functions["lora_product_average (previous)"] = lambda: before.update(
+            previous.lora_product_average(updates, rank)
+        )
+    times = timed_alternating(functions, repeats)
     total = sum(u.num_examples for u in updates)
     worst_gap, worst_error_deviation = 0.0, 0.0
     for a_key, b_key in lora_pairs(new).values():
@@ -228,6 +284,7 @@ def qv_aggregation(sites: int, repeats: int, seed: int) -> dict[str, Any]:
         "seconds": times,
         "vs_dense_product_max_relative_difference": worst_gap,
         "error_over_dense_error_max_deviation": worst_error_deviation,
+        "vs_previous_max_relative_difference": max_product_difference(new, before) if before else None,
     }
 
 
@@ -278,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         "--qv-only", action="store_true", help="only the SmolLM2 q/v aggregation (no model, no Flower)"
     )
     parser.add_argument(
+        "--compare-to",
+        metavar="REV",
+        help="also time the LoRA-product average of federated/strategy/aggregation.py at git REV, "
+        "alternating with the current one",
+    )
+    parser.add_argument(
         "--wait-idle",
         metavar="PATTERN",
         help="before timing, wait (poll 20 s, at most 15 min) until `pgrep -f PATTERN` finds nothing",
@@ -290,8 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         idle = wait_until_idle(args.wait_idle, 20.0, 900.0)
         if not idle:
             print(f"still busy after 15 min (pgrep -f {args.wait_idle!r} matches): measuring anyway")
+    previous = aggregation_at(args.compare_to) if args.compare_to else None
+    load_at_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_at_start)}")
     with threadpool_limits(args.blas_threads):
-        qv = qv_aggregation(args.sites, args.repeats, args.seed)
+        qv = qv_aggregation(args.sites, args.repeats, args.seed, previous)
     qv_seconds = qv["seconds"]
     ratio = statistics.median(qv_seconds["dense_product_average"]["wall"]) / statistics.median(
         qv_seconds["lora_product_average"]["wall"]
@@ -300,7 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     label = f"of {args.sites} sites, SmolLM2-135M q/v (r 8, {qv['modules']} modules, random factors)"
     print_times(f"FedAvg {label}", qv_seconds["fedavg"])
     print_times(f"LoRA-product average {label}", qv_seconds["lora_product_average"])
-    print_times(f"dense LoRA-product average (previous) {label}", qv_seconds["dense_product_average"])
+    print_times(
+        f"dense LoRA-product average (before the truncated solver) {label}",
+        qv_seconds["dense_product_average"],
+    )
+    if previous is not None:
+        print_times(
+            f"LoRA-product average at {args.compare_to} {label}",
+            qv_seconds["lora_product_average (previous)"],
+        )
+        print(
+            f"products differ from {args.compare_to}'s by at most {qv['vs_previous_max_relative_difference']:.1e}"
+        )
     print(
         f"dense / truncated: {ratio:.1f}x; products differ by at most "
         f"{qv['vs_dense_product_max_relative_difference']:.1e} (relative Frobenius, worst module), "
@@ -309,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     qv_results = {
         "sites": args.sites,
         "blas_threads": args.blas_threads,
+        "compare_to": args.compare_to,
         "qv_aggregation": qv,
         "waited_until_idle": idle,
+        "load_average_at_start": load_at_start,
         "load_average": os.getloadavg(),
     }
     if args.qv_only:
@@ -324,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     instruction, reply = round_messages(state)
     down, up = wire_bytes(instruction), wire_bytes(reply)
     with threadpool_limits(args.blas_threads):
-        times = aggregation_times(arrays, args.sites, args.repeats, args.seed)
+        times, vs_previous = aggregation_times(arrays, args.sites, args.repeats, args.seed, previous)
     results = {
         "adapter_tensors": len(arrays),
         "adapter_parameters": int(sum(a.size for a in arrays.values())),
@@ -336,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         "sites": args.sites,
         "blas_threads": args.blas_threads,
         "aggregation_seconds": times,
+        "compare_to": args.compare_to,
+        "lora_product_vs_previous_max_relative_difference": vs_previous,
         "qv_aggregation": qv,
         "waited_until_idle": idle,
+        "load_average_at_start": load_at_start,
         "load_average": os.getloadavg(),
     }
     mib = 2**20
@@ -355,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['vs_full']:.4f}x full weights"
         )
     for name, clocks in times.items():
-        print_times(f"{name} of {args.sites} sites", clocks)
+        print_times(
+            f"{name.replace('previous', args.compare_to or 'previous')} of {args.sites} sites", clocks
+        )
+    if vs_previous is not None:
+        print(f"products differ from {args.compare_to}'s by at most {vs_previous:.1e} (relative Frobenius)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

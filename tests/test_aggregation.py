@@ -350,6 +350,86 @@ def test_product_average_many_terms_is_dense_svd_optimum(
     assert all(found is not None for found in solved)
 
 
+def _near_degenerate_sites(rng: np.random.Generator, rank: int, out_dim: int, in_dim: int) -> list[Update]:
+    """Sites whose mean product has a flat spectrum with σ_rank / σ_rank+1 = 1.0007.
+
+    Six sites carry ΔW = U diag(σ) Vᵀ in rank-8 slices; six more come in pairs (B, A), (-B, A) of
+    equal weight that cancel, so the stacked rank (96) exceeds min(out, in) = 48.
+    """
+    size = min(out_dim, in_dim)
+    sigma = np.linspace(1.0, 0.8, size)
+    sigma[rank:] = sigma[rank - 1] / 1.0007 * np.linspace(1.0, 0.8, size - rank)
+    u, _ = np.linalg.qr(rng.normal(size=(out_dim, size)))
+    v, _ = np.linalg.qr(rng.normal(size=(in_dim, size)))
+    left, right = u * sigma, v.T  # ΔW = left @ right
+    sites = 12
+    updates = []
+    for i in range(6):  # weight 1/12 each: B scaled by 12 so that the weighted sum is ΔW
+        block = slice(8 * i, 8 * i + 8)
+        arrays = {_a(0): right[block].astype(np.float32), _b(0): (12 * left[:, block]).astype(np.float32)}
+        updates.append(Update(f"s{i}", arrays, 1))
+    for i in range(6, sites, 2):
+        a = rng.normal(size=(8, in_dim)).astype(np.float32)
+        b = rng.normal(size=(out_dim, 8)).astype(np.float32)
+        updates.append(Update(f"s{i}", {_a(0): a, _b(0): b}, 1))
+        updates.append(Update(f"s{i + 1}", {_a(0): a, _b(0): -b}, 1))
+    return updates
+
+
+@pytest.mark.parametrize(("rank", "seed"), [(4, 0), (8, 1), (8, 2), (6, 3)])
+def test_product_average_near_degenerate_spectrum_is_dense_svd_optimum(
+    monkeypatch: pytest.MonkeyPatch, rank: int, seed: int
+) -> None:
+    """σ_rank / σ_rank+1 = 1.0007 on a flat spectrum: the iterative solver still lands on the dense
+    SVD's best rank-k product (within 1e-6) with the Eckart-Young error."""
+    solved = []
+    top_triplets = aggregation._top_triplets
+
+    def spy(*args: object) -> object:
+        found = top_triplets(*args)
+        solved.append(found)
+        return found
+
+    monkeypatch.setattr(aggregation, "_top_triplets", spy)
+    updates = _near_degenerate_sites(np.random.default_rng(seed), rank, 64, 48)
+    target = mean_product(updates, _a(0), _b(0))
+    dense = np.linalg.svd(target, compute_uv=False)
+    assert dense[rank - 1] / dense[rank] == pytest.approx(1.0007, rel=1e-5)
+    out = lora_product_average(updates, rank=rank)
+    optimum, optimal_error = _best_rank_k(target, rank)
+    got = out[_b(0)].astype(np.float64) @ out[_a(0)].astype(np.float64)
+    assert np.linalg.norm(got - optimum) <= 1e-6 * np.linalg.norm(optimum)
+    assert np.linalg.norm(target - got) == pytest.approx(optimal_error, rel=1e-6)
+    assert len(solved) == 1
+    assert solved[0] is not None
+
+
+def test_product_average_falls_back_to_exact_svd_when_unconverged(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A solver that never meets its tolerance returns None, and the exact SVD takes over."""
+    solved = []
+    top_triplets = aggregation._top_triplets
+
+    def spy(*args: object) -> object:
+        found = top_triplets(*args)
+        solved.append(found)
+        return found
+
+    monkeypatch.setattr(aggregation, "_top_triplets", spy)
+    monkeypatch.setattr(aggregation, "_RESIDUAL_TOL", -1.0)  # no residual is below it
+    updates = [
+        Update(f"s{i}", make_adapter(rng, modules=1, out_dim=64, in_dim=48, rank=8, head=False), 1 + i)
+        for i in range(12)
+    ]
+    out = lora_product_average(updates, rank=8)
+    target = mean_product(updates, _a(0), _b(0))
+    optimum, _ = _best_rank_k(target, 8)
+    got = out[_b(0)].astype(np.float64) @ out[_a(0)].astype(np.float64)
+    assert solved == [None]
+    assert np.linalg.norm(got - optimum) <= 1e-6 * np.linalg.norm(optimum)
+
+
 def test_product_average_many_terms_pads_and_keeps_low_rank_exact(rng: np.random.Generator) -> None:
     """Identical sites: ΔW has rank 3 although R = 60 > 40; the result is exact, the rest zeros."""
     site = make_adapter(rng, out_dim=40, in_dim=50, rank=3, head=False)
