@@ -305,6 +305,8 @@ class RowSet:
     token_file: Path
     max_length: int
     lengths: list[int]
+    #: per row, the positions whose next token is a target (where the loss needs logits)
+    targets: list[int]
 
 
 def encoded_rows(tokenizer: Any, max_length: int) -> list[tuple[dict[str, str], dict[str, Any]]]:
@@ -337,7 +339,9 @@ def write_rows(
             json.dumps({"input_ids": item["input_ids"], "labels": item["labels"]}) + "\n" for _, item in rows
         )
     )
-    return RowSet(text, tokens, max_length, [len(item["input_ids"]) for _, item in rows])
+    lengths = [len(item["input_ids"]) for _, item in rows]
+    targets = [sum(label != -100 for label in item["labels"][1:]) for _, item in rows]
+    return RowSet(text, tokens, max_length, lengths, targets)
 
 
 def shuffled_rows(tokenizer: Any, workspace: Workspace, max_length: int, count: int, seed: int) -> RowSet:
@@ -377,6 +381,14 @@ def timed_rate(run: Run, data: RowSet, batch: int, warmup: int, timed: int) -> d
     return {"tokens_per_second": tokens / seconds, "seconds_per_step": seconds / timed, "tokens": tokens}
 
 
+def timed_flops(shape: ModelShape, data: RowSet, batch: int, warmup: int, timed: int, full: bool) -> float:
+    """Model FLOPs of steps ``warmup+1 .. warmup+timed`` (bench/train_flops.py)."""
+    starts = range(warmup * batch, (warmup + timed) * batch, batch)
+    return sum(
+        step_flops(shape, data.lengths[i : i + batch], data.targets[i : i + batch], full) for i in starts
+    )
+
+
 def same_first_loss(runs: dict[str, Run]) -> dict[str, Any]:
     """The sides' first logged losses, and whether they agree (the same batch, the same loss)."""
     losses = {name: run.first_loss() for name, run in runs.items()}
@@ -408,10 +420,7 @@ def measure_sides(
         checks.append(same_first_loss(runs))
         for name, run in runs.items():
             rate = timed_rate(run, data, batch, warmup, timed)
-            steps = [
-                data.lengths[i : i + batch] for i in range(warmup * batch, (warmup + timed) * batch, batch)
-            ]
-            flops = sum(step_flops(context.shape, lengths, full) for lengths in steps)
+            flops = timed_flops(context.shape, data, batch, warmup, timed, full)
             rate["efficiency"] = flops / (rate["seconds_per_step"] * timed) / context.peak["flops_per_second"]
             rate["peak_rss_gib"] = run.peak_rss_gib
             per_side[name].append(rate)

@@ -1,12 +1,15 @@
 """Model FLOPs of a training step, and the matmul peak they are divided by.
 
-Per token, for the model's matmul parameters N (every linear layer and the LM head; the embedding
-lookup is no matmul): forward 2N, backward 2N for the activation gradients, plus the weight
-gradients of what trains: 2·N_trainable for LoRA (the LoRA matrices, whose forward is also counted
-in N), 2N for a full fine-tune. Attention adds, per layer and document of length l, 2·l²·d for the
-causal QKᵀ and PV forward (half of 4·l²·d), twice that backward, with d = heads × head_dim. These
-are the FLOPs the job needs: padding, cross-document attention of a flattened row and prompt
-positions' logits are not counted, so a side that skips them does not look less efficient.
+Per token, for the model's body (every linear layer but the LM head; the embedding lookup is no
+matmul) of N parameters: forward 2N, backward 2N for the activation gradients, plus 2N of weight
+gradients in a full fine-tune; with LoRA, its N_lora parameters add 6·N_lora (forward, input and
+weight gradients).
+The LM head (H parameters) counts only at positions whose next token is a target, the ones the
+loss needs: 2H forward and 2H backward there, plus 2H of weight gradient when it trains.
+Attention adds, per layer and document of length l, 2·l²·d for the causal QKᵀ and PV forward
+(half of 4·l²·d), twice that backward, with d = heads × head_dim. These are the FLOPs the job
+needs: padding, cross-document attention in a flattened row and prompt positions' logits are not
+counted, so a side that computes them spends FLOPs the efficiency does not credit.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 class ModelShape:
     """What the FLOP count needs of a model."""
 
-    matmul_parameters: int
+    body_parameters: int  # the linear layers but the head, without LoRA
+    head_parameters: int
     lora_parameters: int
     layers: int
     attention_width: int
@@ -34,24 +38,26 @@ class ModelShape:
         config = AutoConfig.from_pretrained(model_dir)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        matmul = sum(m.in_features * m.out_features for m in linears)
+        head = model.get_output_embeddings()
         # peft's all-linear leaves the output head out
-        body = [m for m in linears if m is not model.get_output_embeddings()]
+        body = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
         lora = sum(lora_rank * (m.in_features + m.out_features) for m in body)
         width = config.num_attention_heads * getattr(
             config, "head_dim", config.hidden_size // config.num_attention_heads
         )
-        return cls(matmul + lora, lora, config.num_hidden_layers, width)
+        base = sum(m.in_features * m.out_features for m in body)
+        return cls(base, head.in_features * head.out_features, lora, config.num_hidden_layers, width)
 
 
-def step_flops(shape: ModelShape, lengths: list[int], full: bool) -> float:
-    """Model FLOPs of one training step over documents of ``lengths`` tokens."""
-    tokens = sum(lengths)
-    trainable = shape.matmul_parameters if full else shape.lora_parameters
-    dense = (4 * shape.matmul_parameters + 2 * trainable) * tokens
+def step_flops(shape: ModelShape, lengths: list[int], targets: list[int], full: bool) -> float:
+    """Model FLOPs of one training step over documents of ``lengths`` tokens, ``targets`` of whose
+    positions predict a token of the loss."""
+    # full: forward, input and weight gradients of the body; LoRA: forward and input gradients of
+    # the frozen body, all three of the LoRA matrices
+    body = 6 * shape.body_parameters if full else 4 * shape.body_parameters + 6 * shape.lora_parameters
+    head = (6 if full else 4) * shape.head_parameters
     attention_forward = sum(2 * length * length * shape.attention_width for length in lengths) * shape.layers
-    return dense + 3 * attention_forward
+    return body * sum(lengths) + head * sum(targets) + 3 * attention_forward
 
 
 def matmul_peak_flops(threads: int, size: int = 2048, repeats: int = 10) -> dict[str, Any]:
