@@ -25,27 +25,46 @@ from pathlib import Path
 from typing import Any
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def peer_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every peer of bench/compare.py takes (this script and bench/baseline_trl.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="a Hugging Face model folder")
     parser.add_argument(
         "--tokens", required=True, help="JSONL rows of input_ids and labels, in training order"
     )
-    parser.add_argument("--collator", choices=["padding", "flatten"], default="padding")
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--output-dir", default="baseline-out")
+    parser.add_argument("--output-dir", default="peer-out")
     parser.add_argument("--log-jsonl", help="append every log record with a timestamp to this file")
-    return parser.parse_args(argv)
+    return parser
 
 
-def timestamped_log_callback(path: Path) -> Any:
-    """A TrainerCallback appending every log record, with ``step`` and ``time``, to ``path``."""
+def training_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Trainer's arguments every peer shares: one log record per step, no saves, a sequential sampler."""
+    return {
+        "output_dir": args.output_dir,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "max_steps": args.max_steps,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": args.seed,
+        "report_to": "none",
+        "train_sampling_strategy": "sequential",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "disable_tqdm": True,
+    }
+
+
+def log_callbacks(args: argparse.Namespace) -> list[Any] | None:
+    """With ``--log-jsonl``: a TrainerCallback appending every log record, with ``step`` and ``time``."""
+    if not args.log_jsonl:
+        return None
+    path = Path(args.log_jsonl)
     from transformers import TrainerCallback
 
     class LogJsonl(TrainerCallback):
@@ -53,7 +72,7 @@ def timestamped_log_callback(path: Path) -> Any:
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": state.global_step, "time": time.time(), **logs}) + "\n")
 
-    return LogJsonl()
+    return [LogJsonl()]
 
 
 def load_model(model_dir: str, full: bool) -> Any:
@@ -73,7 +92,9 @@ def load_model(model_dir: str, full: bool) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """Fine-tune the way the transformers and peft docs show."""
-    args = parse_args(argv)
+    parser = peer_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--collator", choices=["padding", "flatten"], default="padding")
+    args = parser.parse_args(argv)
     from datasets import load_dataset
     from transformers import (
         AutoTokenizer,
@@ -91,26 +112,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.collator == "flatten"
         else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     )
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_steps=args.max_steps,
-        logging_steps=1,
-        save_strategy="no",
-        seed=args.seed,
-        report_to="none",
-        train_sampling_strategy="sequential",
-        gradient_checkpointing=args.gradient_checkpointing,
-        disable_tqdm=True,
-    )
-    log = Path(args.log_jsonl) if args.log_jsonl else None
     trainer = Trainer(
         model=model,
-        args=training_args,
+        args=TrainingArguments(**training_options(args)),
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[timestamped_log_callback(log)] if log else None,
+        callbacks=log_callbacks(args),
     )
     trainer.train()
 

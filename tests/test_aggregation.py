@@ -376,21 +376,27 @@ def _near_degenerate_sites(rng: np.random.Generator, rank: int, out_dim: int, in
     return updates
 
 
-@pytest.mark.parametrize(("rank", "seed"), [(4, 0), (8, 1), (8, 2), (6, 3)])
-def test_product_average_near_degenerate_spectrum_is_dense_svd_optimum(
-    monkeypatch: pytest.MonkeyPatch, rank: int, seed: int
-) -> None:
-    """σ_rank / σ_rank+1 = 1.0007 on a flat spectrum: the iterative solver still lands on the dense
-    SVD's best rank-k product (within 1e-6) with the Eckart-Young error."""
-    solved = []
+@pytest.fixture
+def solved(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What each call of the iterative solver returned (``None``: unconverged), in call order."""
+    results: list[object] = []
     top_triplets = aggregation._top_triplets
 
     def spy(*args: object) -> object:
         found = top_triplets(*args)
-        solved.append(found)
+        results.append(found)
         return found
 
     monkeypatch.setattr(aggregation, "_top_triplets", spy)
+    return results
+
+
+@pytest.mark.parametrize(("rank", "seed"), [(4, 0), (8, 1), (8, 2), (6, 3)])
+def test_product_average_near_degenerate_spectrum_is_dense_svd_optimum(
+    solved: list[object], rank: int, seed: int
+) -> None:
+    """σ_rank / σ_rank+1 = 1.0007 on a flat spectrum: the iterative solver still lands on the dense
+    SVD's best rank-k product (within 1e-6) with the Eckart-Young error."""
     updates = _near_degenerate_sites(np.random.default_rng(seed), rank, 64, 48)
     target = mean_product(updates, _a(0), _b(0))
     dense = np.linalg.svd(target, compute_uv=False)
@@ -405,18 +411,9 @@ def test_product_average_near_degenerate_spectrum_is_dense_svd_optimum(
 
 
 def test_product_average_falls_back_to_exact_svd_when_unconverged(
-    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, solved: list[object]
 ) -> None:
     """A solver that never meets its tolerance returns None, and the exact SVD takes over."""
-    solved = []
-    top_triplets = aggregation._top_triplets
-
-    def spy(*args: object) -> object:
-        found = top_triplets(*args)
-        solved.append(found)
-        return found
-
-    monkeypatch.setattr(aggregation, "_top_triplets", spy)
     monkeypatch.setattr(aggregation, "_RESIDUAL_TOL", -1.0)  # no residual is below it
     updates = [
         Update(f"s{i}", make_adapter(rng, modules=1, out_dim=64, in_dim=48, rank=8, head=False), 1 + i)
