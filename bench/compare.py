@@ -451,6 +451,7 @@ class Context:
     tokenizer: Any
     shape: ModelShape
     peak: dict[str, Any]
+    throughput_sides: list[Side]
 
 
 def measure_throughput(sizes: Sizes, context: Context) -> list[dict[str, Any]]:
@@ -460,7 +461,7 @@ def measure_throughput(sizes: Sizes, context: Context) -> list[dict[str, Any]]:
         count = batch * (sizes.warmup_steps + timed)
         data = shuffled_rows(context.tokenizer, context.workspace, max_length, count, SEED)
         results.append(
-            measure_sides(list(THROUGHPUT_SIDES), data, batch, sizes.warmup_steps, timed, sizes, context)
+            measure_sides(context.throughput_sides, data, batch, sizes.warmup_steps, timed, sizes, context)
         )
     return results
 
@@ -563,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="override the number of repeats")
     parser.add_argument("--timed-steps", type=int, nargs="+", help="timed steps per batch size")
     parser.add_argument("--only", nargs="+", choices=["throughput", "fixed", "full", "memory"])
+    parser.add_argument("--batches", type=int, nargs="+", help="only these of the throughput batch sizes")
+    parser.add_argument(
+        "--sides",
+        nargs="+",
+        choices=[side.name for side in THROUGHPUT_SIDES],
+        help="only these throughput sides",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per training process, the same for every side"
     )
@@ -572,8 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     if args.repeats:
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
+    if args.batches:
+        keep = [i for i, batch in enumerate(sizes.batches) if batch in args.batches]
+        picked = {
+            name: tuple(getattr(sizes, name)[i] for i in keep)
+            for name in ("batches", "max_lengths", "timed_steps")
+        }
+        sizes = Sizes(**{**asdict(sizes), **picked})
     if args.timed_steps:
         sizes = Sizes(**{**asdict(sizes), "timed_steps": tuple(args.timed_steps)})
+    sides = [side for side in THROUGHPUT_SIDES if not args.sides or side.name in args.sides]
     wanted = args.only or ["throughput", "fixed", "full", "memory"]
 
     from launcher.model.load import load_tokenizer
@@ -587,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         load_tokenizer(ModelSpec(path=MODEL_ALIAS)),
         ModelShape.of(str(workspace.model_dir)),
         matmul_peak_flops(args.threads),
+        sides,
     )
     print(f"work folder {workspace.root}; matmul peak {context.peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
     results: dict[str, Any] = {
