@@ -26,7 +26,7 @@ from tests.conftest import (
 )
 from tests.slurm_cluster import SlurmCluster
 
-STEPS = 16
+STEPS = 48  # enough that three interruptions land before the end on a fast machine (16 raced: the third came after the last step)
 TIMEOUT = 300.0
 
 
