@@ -46,6 +46,7 @@ from typing import Any
 import yaml
 from train_flops import ModelShape, matmul_peak_flops, step_flops
 
+from launcher.plan.deepspeed import merge
 from launcher.rundir import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,8 +156,6 @@ THROUGHPUT_SIDES = (HF_PADDING, HF_FLATTEN, TRL_PADDING_FREE, FLOTILLA_DEFAULTS,
 class Run:
     """One finished process: its peak RSS and the step records it logged."""
 
-    side: str
-    seconds: float
     peak_rss_gib: float
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -190,7 +189,7 @@ def run_process(name: str, command: list[str], workspace: Workspace) -> Run:
     """Run ``command`` to the end in a fresh process; its peak RSS comes from ``wait4``."""
     log = workspace.root / "logs" / f"{name}.log"
     log.parent.mkdir(exist_ok=True)
-    started = time.time()
+    started = time.monotonic()
     with log.open("w") as handle:
         proc = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, cwd=workspace.root, env=workspace.env
@@ -199,22 +198,14 @@ def run_process(name: str, command: list[str], workspace: Workspace) -> Run:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.time() - started > RUN_TIMEOUT_S:
+            if time.monotonic() - started > RUN_TIMEOUT_S:
                 os.kill(proc.pid, signal.SIGKILL)
             time.sleep(0.1)
     exit_code = os.waitstatus_to_exitcode(status)
     if exit_code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{name} failed with exit code {exit_code} ({log}):\n{tail}")
-    return Run(name, time.time() - started, usage.ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` merged in, section by section."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        merged[key] = merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
+    return Run(usage.ru_maxrss / 2**20)  # ru_maxrss: KiB on Linux
 
 
 def flotilla_spec(
@@ -284,7 +275,6 @@ def run_side(side: Side, data: RowSet, batch: int, steps: int, workspace: Worksp
         ]
         run = run_process(name, command, workspace)
         run.records = read_jsonl(records)
-    run.side = side.name
     return run
 
 
@@ -411,6 +401,7 @@ def measure_sides(
     """Tokens/s, step time, efficiency and peak memory of every side, ``sizes.repeats`` times."""
     per_side: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
     checks = []
+    flops = timed_flops(context.shape, data, batch, warmup, timed, full)  # the same rows on every side
     for repeat in range(sizes.repeats):
         runs = alternate(
             repeat,
@@ -420,7 +411,6 @@ def measure_sides(
         checks.append(same_first_loss(runs))
         for name, run in runs.items():
             rate = timed_rate(run, data, batch, warmup, timed)
-            flops = timed_flops(context.shape, data, batch, warmup, timed, full)
             rate["efficiency"] = flops / (rate["seconds_per_step"] * timed) / context.peak["flops_per_second"]
             rate["peak_rss_gib"] = run.peak_rss_gib
             per_side[name].append(rate)

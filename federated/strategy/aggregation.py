@@ -320,8 +320,8 @@ def _truncated_factors(
     b_cat: np.ndarray,
     a_cat: np.ndarray,
     rank: int,
-    weights: np.ndarray | None = None,
-    workspace: _Workspace | None = None,
+    weights: np.ndarray,
+    workspace: _Workspace,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-``rank`` factors ``(B, A)`` of ``b_cat @ diag(weights) @ a_cat``, split as U√S, √S Vᵀ.
 
@@ -331,15 +331,14 @@ def _truncated_factors(
     the dense product. Otherwise, when ``R`` is below ``min(out, in)`` the SVD is taken of the small
     core ``R_B R_Aᵀ`` from thin QRs of the factors; else (``rank`` a large share of a small module)
     of the dense product. Missing directions (rank above the product's rank) are zero-padded.
-    ``weights`` (per stacked term, default 1) scale the terms without a pass over the stacks.
+    ``weights`` (per stacked term) scale the terms without a pass over the stacks; ``workspace``
+    holds the Krylov basis.
     """
     out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
     stacked, smallest = b_cat.shape[1], min(out_dim, in_dim)
-    if weights is None:
-        weights = np.ones(stacked)
     found = None
     if stacked > _ITERATIVE_TERMS_PER_RANK * rank and 4 * rank <= smallest:
-        found = _top_triplets(b_cat, a_cat, rank, weights, workspace or _Workspace())
+        found = _top_triplets(b_cat, a_cat, rank, weights, workspace)
     u, s, vt = found if found is not None else exact_triplets(b_cat * weights, a_cat)
     keep = min(rank, s.size)
     root = np.sqrt(s[:keep])
