@@ -62,6 +62,10 @@ class Benchmark:
     def site_test(self, site: str) -> Path:
         return self.root / f"{site}.test.jsonl"
 
+    def site_validation(self, site: str) -> Path:
+        """The site's validation rows (only with ``site_validation_ratio`` > 0)."""
+        return self.root / f"{site}.validation.jsonl"
+
 
 def read_index() -> str:
     """``apt-cache dumpavail``; a clear error when the index is empty or apt is missing."""
@@ -167,6 +171,7 @@ def build(
     rows_per_section: int = 400,
     test_per_section: int = 100,
     site_test_ratio: float = 0.2,
+    site_validation_ratio: float = 0.0,
     rounds: int = 10,
     local_steps: int = 10,
     learning_rate: float = 2e-3,
@@ -203,9 +208,12 @@ def build(
             rows += [{"text": text, "label": section} for text in pool[start : start + cut[section][index]]]
         shuffler.shuffle(rows)
         held = max(1, round(len(rows) * site_test_ratio))
+        validation = held + round(len(rows) * site_validation_ratio)
         _write_jsonl(root / f"{site}.test.jsonl", rows[:held])
-        _write_jsonl(root / f"{site}.jsonl", rows[held:])
-        partition[site] = dict(Counter(row["label"] for row in rows[held:]))
+        if validation > held:  # for choosing a personalised model without looking at the test rows
+            _write_jsonl(root / f"{site}.validation.jsonl", rows[held:validation])
+        _write_jsonl(root / f"{site}.jsonl", rows[validation:])
+        partition[site] = dict(Counter(row["label"] for row in rows[validation:]))
         (root / f"{site}.yaml").write_text(
             yaml.safe_dump(site_job(site, root, learning_rate, sections), sort_keys=False)
         )

@@ -98,6 +98,33 @@ VARIANTS: dict[str, list[str]] = {
         "local.lr_schedule=cosine",
         "local.logit_adjustment=1.0",
     ],
+    "fedavg-server-lr-2+cosine+logit-adjust": [
+        "strategy.name=fedavgm",
+        "strategy.server_momentum=0.0",
+        "strategy.server_learning_rate=2.0",
+        "local.lr_schedule=cosine",
+        "local.logit_adjustment=1.0",
+    ],
+    "fedavg-server-lr-4+cosine+logit-adjust": [
+        "strategy.name=fedavgm",
+        "strategy.server_momentum=0.0",
+        "strategy.server_learning_rate=4.0",
+        "local.lr_schedule=cosine",
+        "local.logit_adjustment=1.0",
+    ],
+    "fedavg-server-lr-3+cosine+logit-adjust+keep-optimizer": [
+        "strategy.name=fedavgm",
+        "strategy.server_momentum=0.0",
+        "strategy.server_learning_rate=3.0",
+        "local.lr_schedule=cosine",
+        "local.logit_adjustment=1.0",
+        "local.optimizer_state=keep",
+    ],
+    "fedavg+logit-adjust+keep-optimizer": [
+        "strategy.name=fedavg",
+        "local.logit_adjustment=1.0",
+        "local.optimizer_state=keep",
+    ],
     "fedavg-server-lr-3+cosine+logit-adjust+sample-4": [
         "strategy.name=fedavgm",
         "strategy.server_momentum=0.0",
@@ -145,25 +172,61 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[
     }
 
 
-def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[str, float]:
-    """Each site fine-tunes the final global adapter on its own rows (plain loss, ``steps`` steps):
-    its accuracy on its own held-out rows (the personalised model of "FedAvg, then fine-tune")."""
-    from bench.fed_quality import train_and_evaluate
+def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[str, dict[str, float]]:
+    """Each site fine-tunes the final global adapter on its own rows (plain loss, up to ``steps``
+    steps): the personalised model of "federate, then fine-tune", on its own held-out rows.
 
-    tuned: dict[str, float] = {}
+    With validation rows per site (``--site-validation-ratio``), the site evaluates every 5 steps,
+    stops early and keeps its best checkpoint by validation accuracy, or the global model itself
+    when no checkpoint beats it there; the test rows play no part in that choice.
+    """
+    import shutil
+
+    from rich.console import Console
+
+    from launcher.plan.jobs import prepare_run
+    from launcher.train.core import run_training
+    from launcher.train.evaluate import evaluate_target
+
+    tuned: dict[str, dict[str, float]] = {}
     for site in bench.sites:
-        (own,) = train_and_evaluate(
+        validation = bench.site_validation(site)
+        chooses = validation.is_file()
+        selection = (
+            [
+                f"data.validation={validation}",
+                "eval.at_start=true",
+                "eval.steps=5",
+                "train.early_stopping.metric=eval_accuracy",
+                "train.early_stopping.mode=max",
+                "train.early_stopping.patience=2",
+            ]
+            if chooses
+            else ["eval.at_start=false"]
+        )
+        prepared = prepare_run(
             bench.site_spec(site),
             [
                 f"output.dir={out}",
-                "eval.at_start=false",
                 f"train.max_steps={steps}",
                 f"peft.init_from={adapter}",
                 "train.logit_adjustment=0",
+                *selection,
             ],
-            str(bench.site_test(site)),
         )
-        tuned[site] = _accuracy(own)
+        run_training(prepared.run_dir, Console(stderr=True, quiet=True))
+        test = str(bench.site_test(site))
+        result = {"fine_tuned": _accuracy(evaluate_target(prepared.run_dir, test))}
+        if chooses:
+            summary = json.loads((prepared.run_dir / "summary.json").read_text())
+            shutil.copytree(adapter, prepared.run_dir / "global")  # an artifact inside the run dir
+            result["global"] = _accuracy(evaluate_target(prepared.run_dir / "global", test))
+            result["validation_global"] = _accuracy(summary["before"])
+            result["validation_fine_tuned"] = _accuracy(summary["after"])
+            result["steps"] = summary["steps"]
+            keep = result["validation_fine_tuned"] > result["validation_global"]
+            result["chosen"] = result["fine_tuned"] if keep else result["global"]
+        tuned[site] = result
     return tuned
 
 
@@ -186,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="then each site fine-tunes the final global adapter for this many steps on its own rows",
+    )
+    parser.add_argument(
+        "--site-validation-ratio",
+        type=float,
+        default=0.0,
+        help="hold out this share of each site's rows as its validation rows (the fine-tune then "
+        "keeps its best checkpoint by them, or the global model)",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -212,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rows_per_section,
         rounds=args.rounds,
         local_steps=args.local_steps,
+        site_validation_ratio=args.site_validation_ratio,
     )
     steps = args.rounds * args.local_steps
     test = str(bench.test_file)
@@ -299,11 +370,7 @@ def print_table(results: dict[str, Any]) -> None:
 def print_personalised(results: dict[str, Any]) -> None:
     """Each site on its own held-out rows: alone, the global model, each personalised variant."""
     variants = results["variants"]
-    tuned = {
-        f"{n} + fine-tune": v["own_test_fine_tuned"]
-        for n, v in variants.items()
-        if "own_test_fine_tuned" in v
-    }
+    tuned = {n: v["own_test_fine_tuned"] for n, v in variants.items() if "own_test_fine_tuned" in v}
     personal = [name for name in PERSONALISED if name in variants]
     shared = [
         name
@@ -317,15 +384,23 @@ def print_personalised(results: dict[str, Any]) -> None:
     print(
         f"\nEach site on its own held-out rows; global = the {reference} model a site received in the last round"
     )
-    columns = [*personal, *tuned]
+    columns = [*personal, *(f"{n} + fine-tune" for n in tuned)]
+    chosen = [n for n, sites in tuned.items() if isinstance(next(iter(sites.values())), dict)]
+    columns += [f"{n}: final global" for n in chosen] + [f"{n}: chosen on validation" for n in chosen]
     print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in columns))
     for site, local in results["local_only"].items():
         cells = [variants[n]["own_test_after_local"].get(site) for n in personal]
-        cells += [accuracies[site] for accuracies in tuned.values()]
+        cells += [_fine_tuned(sites[site]) for sites in tuned.values()]
+        cells += [tuned[n][site]["global"] for n in chosen] + [tuned[n][site]["chosen"] for n in chosen]
         print(
             f"{site:<10} {_accuracy(local['own_test']):>7.4f} {variants[reference]['own_test_received'][site]:>7.4f} "
             + " ".join(f"{c:>14.4f}" for c in cells)
         )
+
+
+def _fine_tuned(result: float | dict[str, float]) -> float:
+    """A site's fine-tuned accuracy (runs before validation choice saved the bare number)."""
+    return result["fine_tuned"] if isinstance(result, dict) else result
 
 
 if __name__ == "__main__":

@@ -275,6 +275,8 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["frozen-lora-a"] = True
     if fed.local.keep_local:
         config["keep-local"] = list(fed.local.keep_local)
+    if fed.local.optimizer_state == "keep":
+        config["keep-optimizer-state"] = True
     if tau := fed.local.logit_adjustment_for(fed.model.task):
         config["logit-adjustment"] = tau
     if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it

@@ -62,6 +62,9 @@ class LocalTraining(Section):
     #: sequence_classification (+0.036 accuracy in both 8-site variants measured at alpha 0.3, less on
     #: the 3-site CI cut: bench/RESULTS.md); 0 turns it off.
     logit_adjustment: NonNegativeFloat | None = None
+    #: ``keep``: each site's optimizer state (AdamW's moments) carries over from its previous round
+    #: and never leaves the site; ``reset``: every round starts a fresh optimizer.
+    optimizer_state: Literal["reset", "keep"] = "reset"
 
     def logit_adjustment_for(self, task: str) -> float:
         """The tau every site trains with for ``task``: the spec's, else 1 for classification."""

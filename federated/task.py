@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
+from federated.optimizer_state import STATE_FILE, CarriedOptimizerState, latest_state
 from federated.spec import withheld
 from federated.strategy import Update, lora_pairs, lora_product_average
 from launcher.backends import get_backend
@@ -47,6 +48,7 @@ class RoundOrder:
     frozen_lora_a: bool = False
     keep_local: list[str] = field(default_factory=list)
     logit_adjustment: float = 0.0
+    keep_optimizer_state: bool = False
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -64,6 +66,7 @@ class RoundOrder:
             frozen_lora_a=bool(config.get("frozen-lora-a", False)),
             keep_local=[str(pattern) for pattern in config.get("keep-local", [])],
             logit_adjustment=float(config.get("logit-adjustment", 0.0)),
+            keep_optimizer_state=bool(config.get("keep-optimizer-state", False)),
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
@@ -109,7 +112,7 @@ def train_local_round(
     plan = build_plan(spec, run_dir)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
     (run_dir / "plan.json").write_text(plan.to_json(), encoding="utf-8")
-    _train(run_dir, plan.world_size, plan.backend, order, local_arrays)
+    _train(run_dir, plan.world_size, plan.backend, order, local_arrays, work_dir)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     if spec.model.task == "sequence_classification" and summary.get("labels") != order.labels:
@@ -226,17 +229,28 @@ class ProximalTerm:
         return pairs
 
 
-def _train(run_dir: Path, world_size: int, backend: str, order: RoundOrder, anchor: Arrays) -> None:
+def _train(
+    run_dir: Path, world_size: int, backend: str, order: RoundOrder, anchor: Arrays, work_dir: Path
+) -> None:
     """The train core in this process, or through the backend when the site uses several processes."""
     console = Console(stderr=True)
     if world_size == 1:
         terms = [ProximalTerm(order.proximal_mu, anchor)] if order.proximal_mu > 0 else []
-        outcome = run_training(run_dir, console, loss_terms=terms)
+        carried = (
+            [CarriedOptimizerState(latest_state(work_dir, order.server_round), run_dir / STATE_FILE, console)]
+            if order.keep_optimizer_state
+            else []
+        )
+        outcome = run_training(run_dir, console, extra_callbacks=carried, loss_terms=terms)
         if outcome.interrupted:
             raise BackendError(f"local training in {run_dir} was interrupted")
         return
     if order.proximal_mu > 0:
         raise FlotillaError("FedProx needs a single-process site (the proximal term runs in-process)")
+    if order.keep_optimizer_state:
+        raise FlotillaError(
+            "local.optimizer_state=keep needs a single-process site (the state is carried in-process)"
+        )
     handle = get_backend(backend).launch(Plan.load(run_dir / "plan.json"), console, wait=True)
     if handle.exit_code:
         raise BackendError(f"local training in {run_dir} ended with exit code {handle.exit_code}")
