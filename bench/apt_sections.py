@@ -11,7 +11,19 @@ sections and uneven sizes (label and quantity skew together). A balanced test sp
 before the cut and shared by every model; each site also keeps a held-out file of its own rows
 (its own distribution) for personalised evaluation.
 
-    python bench/apt_sections.py OUT_DIR [--sites 8] [--alpha 0.3] [--rows-per-section 400]
+Two tasks over the same rows and the same cut (same seed, same sites):
+
+- ``classification`` (the default): MiniLM LoRA predicts the section of a description; rows are
+  ``{"text", "label"}``.
+- ``causal_lm``: SmolLM2-135M-Instruct LoRA (q_proj, v_proj) learns the descriptions themselves
+  (data format ``text``: the loss is on the whole description); rows are ``{"text", "section"}``, the
+  section kept only to document the skew (the ``text`` format reads ``text`` alone). Models are
+  compared by perplexity on the held-out rows. The text is the one-line description only: the index
+  carries no long descriptions (just their ``Description-md5``; they live in the ``Translation-*``
+  files, which ``apt-get update`` does not fetch by default).
+
+    python bench/apt_sections.py OUT_DIR [--sites 8] [--alpha 0.3] [--rows-per-section 400] \
+        [--task causal_lm]
 
 writes ``OUT_DIR/test.jsonl``, ``OUT_DIR/site_<i>.jsonl``, ``OUT_DIR/site_<i>.test.jsonl``, a
 local job spec per site, ``OUT_DIR/fed.yaml`` and ``OUT_DIR/partition.json`` (rows per site and
@@ -28,7 +40,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -36,6 +48,48 @@ import yaml
 SECTIONS = ("libs", "python", "perl", "devel", "utils", "net", "doc", "games")
 #: A site whose cut holds fewer rows than this is redrawn (a site with nothing to train on is no site).
 MIN_SITE_ROWS = 20
+
+Task = Literal["classification", "causal_lm"]
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """What the sites of one task train: the model, its data format, LoRA targets and batches."""
+
+    model: dict[str, str]
+    data_format: str
+    #: The row key that holds the section: the label, or a note beside a text row.
+    section_key: str
+    target_modules: list[str]
+    max_length: int
+    micro_batch_size: int
+    learning_rate: float
+
+    @property
+    def classifies(self) -> bool:
+        return self.data_format == "classification"
+
+
+TASKS: dict[str, TaskSetup] = {
+    "classification": TaskSetup(
+        model={"path": "minilm-l6", "task": "sequence_classification"},
+        data_format="classification",
+        section_key="label",
+        target_modules=["query", "value"],
+        max_length=48,
+        micro_batch_size=16,
+        learning_rate=2e-3,
+    ),
+    "causal_lm": TaskSetup(
+        model={"path": "smollm2-135m-instruct", "task": "causal_lm"},
+        data_format="text",
+        section_key="section",
+        target_modules=["q_proj", "v_proj"],
+        max_length=64,
+        micro_batch_size=8,
+        learning_rate=1e-3,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -119,25 +173,38 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
-def site_job(site: str, root: Path, learning_rate: float, sections: tuple[str, ...]) -> dict[str, Any]:
-    """The local job spec of one site (MiniLM LoRA, its own rows; the federation sets the budget)."""
+def _peft(setup: TaskSetup) -> dict[str, Any]:
+    return {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": setup.target_modules}
+
+
+def site_job(
+    site: str,
+    root: Path,
+    learning_rate: float,
+    sections: tuple[str, ...],
+    task: Task = "classification",
+) -> dict[str, Any]:
+    """The local job spec of one site (LoRA, its own rows; the federation sets the budget)."""
+    setup = TASKS[task]
+    data: dict[str, Any] = {
+        "train": str(root / f"{site}.jsonl"),
+        "format": setup.data_format,
+        "validation": str(root / f"{site}.test.jsonl"),
+        "max_length": setup.max_length,
+    }
+    if setup.classifies:
+        data["labels"] = list(sections)
     return {
         "name": site,
         "seed": 42,
-        "model": {"path": "minilm-l6", "task": "sequence_classification"},
-        "data": {
-            "train": str(root / f"{site}.jsonl"),
-            "format": "classification",
-            "validation": str(root / f"{site}.test.jsonl"),
-            "max_length": 48,
-            "labels": list(sections),
-        },
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "model": dict(setup.model),
+        "data": data,
+        "peft": _peft(setup),
         "train": {
             "learning_rate": learning_rate,
             "scheduler": "constant",
             "warmup_ratio": 0.0,
-            "micro_batch_size": 16,
+            "micro_batch_size": setup.micro_batch_size,
             "logging_steps": 10,
         },
         "eval": {"batch_size": 64},
@@ -145,20 +212,30 @@ def site_job(site: str, root: Path, learning_rate: float, sections: tuple[str, .
 
 
 def federation(
-    sites: list[str], root: Path, rounds: int, local_steps: int, sections: tuple[str, ...]
+    sites: list[str],
+    root: Path,
+    rounds: int,
+    local_steps: int,
+    sections: tuple[str, ...],
+    task: Task = "classification",
 ) -> dict[str, Any]:
     """The federation spec over the sites (FedAvg, evaluated on the shared test split)."""
-    return {
-        "name": "apt-sections",
-        "seed": 42,
-        "model": {"path": "minilm-l6", "task": "sequence_classification"},
-        "labels": list(sections),
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["query", "value"]},
+    setup = TASKS[task]
+    spec: dict[str, Any] = {"name": "apt-sections", "seed": 42, "model": dict(setup.model)}
+    if setup.classifies:
+        spec["labels"] = list(sections)
+    return spec | {
+        "peft": _peft(setup),
         "rounds": rounds,
         "min_sites": len(sites),
         "local": {"steps": local_steps},
         "strategy": {"name": "fedavg"},
-        "evaluation": {"data": str(root / "test.jsonl"), "max_length": 48, "batch_size": 64},
+        "evaluation": {
+            "data": str(root / "test.jsonl"),
+            "format": setup.data_format,
+            "max_length": setup.max_length,
+            "batch_size": 64,
+        },
         "sites": {site: str(root / f"{site}.yaml") for site in sites},
         "output": str(root / "runs"),
     }
@@ -174,11 +251,15 @@ def build(
     site_validation_ratio: float = 0.0,
     rounds: int = 10,
     local_steps: int = 10,
-    learning_rate: float = 2e-3,
+    learning_rate: float | None = None,
     seed: int = 0,
     sections: tuple[str, ...] = SECTIONS,
+    task: Task = "classification",
 ) -> Benchmark:
-    """Build the benchmark under ``root`` from this machine's package index."""
+    """Build the benchmark for ``task`` under ``root`` from this machine's package index (the
+    learning rate defaults to the task's)."""
+    setup = TASKS[task]
+    rate = setup.learning_rate if learning_rate is None else learning_rate
     by_section = labelled_descriptions(read_index(), sections)
     short = {
         s: len(rows) for s, rows in by_section.items() if len(rows) < rows_per_section + test_per_section
@@ -193,7 +274,7 @@ def build(
     for section, rows in by_section.items():
         rows = list(rows)
         shuffler.shuffle(rows)
-        test += [{"text": text, "label": section} for text in rows[:test_per_section]]
+        test += [{"text": text, setup.section_key: section} for text in rows[:test_per_section]]
         pools[section] = rows[test_per_section : test_per_section + rows_per_section]
     root.mkdir(parents=True, exist_ok=True)
     shuffler.shuffle(test)
@@ -205,7 +286,10 @@ def build(
         rows = []
         for section, pool in pools.items():
             start = sum(cut[section][:index])
-            rows += [{"text": text, "label": section} for text in pool[start : start + cut[section][index]]]
+            rows += [
+                {"text": text, setup.section_key: section}
+                for text in pool[start : start + cut[section][index]]
+            ]
         shuffler.shuffle(rows)
         held = max(1, round(len(rows) * site_test_ratio))
         validation = held + round(len(rows) * site_validation_ratio)
@@ -213,12 +297,12 @@ def build(
         if validation > held:  # for choosing a personalised model without looking at the test rows
             _write_jsonl(root / f"{site}.validation.jsonl", rows[held:validation])
         _write_jsonl(root / f"{site}.jsonl", rows[validation:])
-        partition[site] = dict(Counter(row["label"] for row in rows[validation:]))
+        partition[site] = dict(Counter(row[setup.section_key] for row in rows[validation:]))
         (root / f"{site}.yaml").write_text(
-            yaml.safe_dump(site_job(site, root, learning_rate, sections), sort_keys=False)
+            yaml.safe_dump(site_job(site, root, rate, sections, task), sort_keys=False)
         )
     (root / "fed.yaml").write_text(
-        yaml.safe_dump(federation(names, root, rounds, local_steps, sections), sort_keys=False)
+        yaml.safe_dump(federation(names, root, rounds, local_steps, sections, task), sort_keys=False)
     )
     summary = {"sites": sites, "alpha": alpha, "seed": seed, "test_rows": len(test), "partition": partition}
     (root / "partition.json").write_text(json.dumps(summary, indent=2))
@@ -232,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--rows-per-section", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=list(TASKS), default="classification")
     args = parser.parse_args(argv)
-    bench = build(args.out, args.sites, args.alpha, args.rows_per_section, seed=args.seed)
+    bench = build(args.out, args.sites, args.alpha, args.rows_per_section, seed=args.seed, task=args.task)
     print(json.dumps(json.loads((bench.root / "partition.json").read_text())["partition"], indent=1))
     return 0
 

@@ -12,8 +12,13 @@ test split), then trains, all through Flotilla's own train core:
 A variant's accuracy per round is the server's evaluation of the global adapter on the shared test
 split (``rounds.jsonl``); "rounds to 90%" is the first round whose accuracy reaches 90% of pooled.
 
+``--task causal_lm`` runs the same cut as SmolLM2 LoRA learning the descriptions (see
+bench/apt_sections.py) and measures perplexity instead, lower better: "of pooled" is pooled perplexity
+/ the variant's (1.0 is as good as pooled), "rounds to 90%" the first round within 1/0.9 of pooled.
+Variants and baselines that adjust logits or keep a classifier head are classification only.
+
     python bench/fed_noniid.py [--sites 8] [--alpha 0.3] [--rounds 10] [--local-steps 10] \
-        [--variants fedavg,fedavgm] [--json bench/results/fed_noniid.json]
+        [--task classification] [--variants fedavg,fedavgm] [--json bench/results/fed_noniid.json]
     python bench/fed_noniid.py --print bench/results/fed_noniid*.json     # the tables of saved runs
 """
 
@@ -24,6 +29,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +147,65 @@ VARIANTS: dict[str, list[str]] = {
 }
 #: Variants whose sites keep tensors of their own: the global model is not what a site uses, its own is.
 PERSONALISED = ("fedsa-lora", "per-site-head")
+#: Baseline -> train overrides of each site alone.
+BASELINES: dict[str, list[str]] = {"local": [], "local+logit-adjust": ["train.logit_adjustment=1.0"]}
 
 
-def _accuracy(metrics: dict[str, Any]) -> float:
-    return float(metrics["eval_accuracy"])
+@dataclass(frozen=True)
+class Metric:
+    """The quality a task's models are compared by."""
+
+    key: str
+    label: str
+    higher_is_better: bool
+    digits: int
+    #: Print each site's own held-out rows (alone, the global model) even without personalised models.
+    per_site_table: bool
+
+    def of(self, metrics: dict[str, Any]) -> float:
+        return float(metrics[self.key])
+
+    def best(self, values: Iterable[float]) -> float | None:
+        return (max if self.higher_is_better else min)(values, default=None)
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+    def of_pooled(self, value: float, pooled: float) -> float:
+        """How close to pooled, 1.0 as good: the accuracy ratio, or pooled / the perplexity."""
+        return value / pooled if self.higher_is_better else pooled / value
+
+    def reaches(self, value: float, pooled: float) -> bool:
+        """Within 90% of pooled: 0.9 x its accuracy, or its perplexity / 0.9."""
+        return value >= 0.9 * pooled if self.higher_is_better else value <= pooled / 0.9
 
 
-def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    """One federation run: accuracy per round on the shared test split, bytes, seconds."""
+METRICS = {
+    "classification": Metric(
+        "eval_accuracy", "accuracy", higher_is_better=True, digits=4, per_site_table=False
+    ),
+    "causal_lm": Metric(
+        "eval_perplexity", "perplexity", higher_is_better=False, digits=2, per_site_table=True
+    ),
+}
+
+
+def metric_of(results: dict[str, Any]) -> Metric:
+    """The metric of a run's task (runs saved before ``--task`` existed are classification)."""
+    return METRICS[results["setup"].get("task", "classification")]
+
+
+def classification_only(overrides: list[str]) -> bool:
+    """Whether overrides adjust logits or keep a classifier head (nothing a causal LM has)."""
+    return any(
+        (key.endswith("logit_adjustment") and float(value))
+        or (key == "local.keep_local" and "classifier" in value)
+        for key, _, value in (override.partition("=") for override in overrides)
+    )
+
+
+def run_variant(bench: Any, name: str, overrides: list[str], out: Path, metric: Metric) -> dict[str, Any]:
+    """One federation run: the metric per round on the shared test split, bytes, seconds."""
     from federated.ops.simulation import simulate
     from federated.rounds import RoundStore
     from federated.spec import load_federation
@@ -162,9 +220,9 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[
         "overrides": overrides,
         # each site's own held-out rows: the model it received this round (before its local steps)
         # and its model after them (a personalised variant's per-site model)
-        "own_test_received": {s: m.get("global-eval_accuracy") for s, m in last.items()},
-        "own_test_after_local": {s: m.get("eval_accuracy") for s, m in last.items()},
-        "accuracy_per_round": [_accuracy(row["server_eval"]) for row in rows],
+        "own_test_received": {s: m.get(f"global-{metric.key}") for s, m in last.items()},
+        "own_test_after_local": {s: m.get(metric.key) for s, m in last.items()},
+        f"{metric.label}_per_round": [metric.of(row["server_eval"]) for row in rows],
         "final": rows[-1]["server_eval"],
         "bytes_up_per_site_round": max(up) if up else 0,
         "seconds": time.time() - started,
@@ -172,12 +230,14 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path) -> dict[
     }
 
 
-def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[str, dict[str, float]]:
+def fine_tune_locally(
+    bench: Any, adapter: str, steps: int, out: Path, metric: Metric
+) -> dict[str, dict[str, float]]:
     """Each site fine-tunes the final global adapter on its own rows (plain loss, up to ``steps``
     steps): the personalised model of "federate, then fine-tune", on its own held-out rows.
 
     With validation rows per site (``--site-validation-ratio``), the site evaluates every 5 steps,
-    stops early and keeps its best checkpoint by validation accuracy, or the global model itself
+    stops early and keeps its best checkpoint by the validation metric, or the global model itself
     when no checkpoint beats it there; the test rows play no part in that choice.
     """
     import shutil
@@ -197,8 +257,8 @@ def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[s
                 f"data.validation={validation}",
                 "eval.at_start=true",
                 "eval.steps=5",
-                "train.early_stopping.metric=eval_accuracy",
-                "train.early_stopping.mode=max",
+                f"train.early_stopping.metric={metric.key}",
+                f"train.early_stopping.mode={'max' if metric.higher_is_better else 'min'}",
                 "train.early_stopping.patience=2",
             ]
             if chooses
@@ -216,15 +276,15 @@ def fine_tune_locally(bench: Any, adapter: str, steps: int, out: Path) -> dict[s
         )
         run_training(prepared.run_dir, Console(stderr=True, quiet=True))
         test = str(bench.site_test(site))
-        result = {"fine_tuned": _accuracy(evaluate_target(prepared.run_dir, test))}
+        result = {"fine_tuned": metric.of(evaluate_target(prepared.run_dir, test))}
         if chooses:
             summary = json.loads((prepared.run_dir / "summary.json").read_text())
             shutil.copytree(adapter, prepared.run_dir / "global")  # an artifact inside the run dir
-            result["global"] = _accuracy(evaluate_target(prepared.run_dir / "global", test))
-            result["validation_global"] = _accuracy(summary["before"])
-            result["validation_fine_tuned"] = _accuracy(summary["after"])
+            result["global"] = metric.of(evaluate_target(prepared.run_dir / "global", test))
+            result["validation_global"] = metric.of(summary["before"])
+            result["validation_fine_tuned"] = metric.of(summary["after"])
             result["steps"] = summary["steps"]
-            keep = result["validation_fine_tuned"] > result["validation_global"]
+            keep = metric.better(result["validation_fine_tuned"], result["validation_global"])
             result["chosen"] = result["fine_tuned"] if keep else result["global"]
         tuned[site] = result
     return tuned
@@ -237,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--rows-per-section", type=int, default=400)
+    parser.add_argument(
+        "--test-per-section", type=int, default=100, help="rows per section of the shared test split"
+    )
+    parser.add_argument(
+        "--task",
+        choices=list(METRICS),
+        default="classification",
+        help="classify the section (MiniLM, accuracy) or learn the descriptions (SmolLM2, perplexity)",
+    )
     parser.add_argument("--variants", default="fedavg,fedavgm")
     parser.add_argument(
         "--baselines",
@@ -270,6 +339,17 @@ def main(argv: list[str] | None = None) -> int:
             merged.update(results)
         print_table(merged)
         return 0
+    variants = [name for name in args.variants.split(",") if name]
+    baselines = {name for name in args.baselines.split(",") if name}
+    if args.task != "classification":
+        refused = [n for n in variants if classification_only(VARIANTS[n])]
+        refused += [b for b in sorted(baselines & set(BASELINES)) if classification_only(BASELINES[b])]
+        if refused:
+            parser.error(
+                f"{', '.join(refused)}: logit adjustment and per-site classifier heads apply to "
+                f"--task classification only, not {args.task}"
+            )
+    metric = METRICS[args.task]
     sys.path.insert(0, str(REPO))
     from bench.apt_sections import build
     from bench.fed_quality import train_and_evaluate
@@ -280,16 +360,17 @@ def main(argv: list[str] | None = None) -> int:
         args.sites,
         args.alpha,
         args.rows_per_section,
+        args.test_per_section,
         rounds=args.rounds,
         local_steps=args.local_steps,
         site_validation_ratio=args.site_validation_ratio,
+        task=args.task,
     )
     steps = args.rounds * args.local_steps
     test = str(bench.test_file)
     results: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}, "variants": {}}
     results["partition"] = json.loads((bench.root / "partition.json").read_text())["partition"]
     common = [f"output.dir={out / 'baselines'}", "eval.at_start=false"]
-    baselines = {name for name in args.baselines.split(",") if name}
     if "pooled" in baselines:
         pooled_files = json.dumps([{"path": str(bench.site_data(site))} for site in bench.sites])
         (pooled,) = train_and_evaluate(
@@ -303,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             test,
         )
         results["pooled"] = pooled
-        print(f"pooled accuracy {_accuracy(pooled):.4f}")
-    for baseline, extra in (("local", []), ("local+logit-adjust", ["train.logit_adjustment=1.0"])):
+        print(f"pooled {metric.label} {metric.of(pooled):.{metric.digits}f}")
+    for baseline, extra in BASELINES.items():
         if baseline not in baselines:
             continue
         local: dict[str, Any] = {}
@@ -317,13 +398,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             local[site] = {"shared_test": shared, "own_test": own}
         results["local_only" if baseline == "local" else "local_only_logit_adjust"] = local
-        print(f"{baseline}: " + ", ".join(f"{s} {_accuracy(v['shared_test']):.4f}" for s, v in local.items()))
-    for name in [name for name in args.variants.split(",") if name]:
-        results["variants"][name] = run_variant(bench, name, VARIANTS[name], out / "federations")
+        print(
+            f"{baseline}: "
+            + ", ".join(f"{s} {metric.of(v['shared_test']):.{metric.digits}f}" for s, v in local.items())
+        )
+    for name in variants:
+        results["variants"][name] = run_variant(bench, name, VARIANTS[name], out / "federations", metric)
         if args.fine_tune_steps and name not in PERSONALISED:
             variant = results["variants"][name]
             variant["own_test_fine_tuned"] = fine_tune_locally(
-                bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned"
+                bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned", metric
             )
         if args.json:  # kept after every variant: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
@@ -334,40 +418,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    """Accuracy on the shared test split, against pooled and the best site alone."""
-    pooled = _accuracy(results["pooled"]) if "pooled" in results else None
-    best_local = max(
-        (_accuracy(v["shared_test"]) for v in results.get("local_only", {}).values()), default=None
-    )
+    """The metric on the shared test split, against pooled and the best site alone."""
+    metric = metric_of(results)
+    width = max(9, len(metric.label))
+    pooled = metric.of(results["pooled"]) if "pooled" in results else None
+    best_local = metric.best(metric.of(v["shared_test"]) for v in results.get("local_only", {}).values())
     print(
-        f"\n{'model':<18} {'accuracy':>9} {'of pooled':>10} {'rounds to 90%':>14} {'bytes up':>10} {'seconds':>8}"
+        f"\n{'model':<18} {metric.label:>{width}} {'of pooled':>10} {'rounds to 90%':>14} {'bytes up':>10} "
+        f"{'seconds':>8}"
     )
     if pooled is not None:
-        print(f"{'pooled':<18} {pooled:>9.4f}")
+        print(f"{'pooled':<18} {pooled:>{width}.{metric.digits}f}")
     if best_local is not None:
-        print(f"{'best site alone':<18} {best_local:>9.4f}")
+        print(f"{'best site alone':<18} {best_local:>{width}.{metric.digits}f}")
     adjusted = results.get("local_only_logit_adjust", {})
     if adjusted:
-        best = max(_accuracy(v["shared_test"]) for v in adjusted.values())
-        print(f"{'best alone, adj.':<18} {best:>9.4f}")
+        best = metric.best(metric.of(v["shared_test"]) for v in adjusted.values())
+        print(f"{'best alone, adj.':<18} {best:>{width}.{metric.digits}f}")
     for name, variant in results["variants"].items():
         if name in PERSONALISED:
             continue
-        accuracy = _accuracy(variant["final"])
-        share = f"{accuracy / pooled:.3f}" if pooled else "-"
+        value = metric.of(variant["final"])
+        share = f"{metric.of_pooled(value, pooled):.3f}" if pooled else "-"
         reached = (
-            next((i for i, a in enumerate(variant["accuracy_per_round"]) if a >= 0.9 * pooled), None)
+            next(
+                (i for i, v in enumerate(variant[f"{metric.label}_per_round"]) if metric.reaches(v, pooled)),
+                None,
+            )
             if pooled
             else None
         )
         print(
-            f"{name:<18} {accuracy:>9.4f} {share:>10} {reached if reached is not None else '-'!s:>14} "
+            f"{name:<18} {value:>{width}.{metric.digits}f} {share:>10} {reached if reached is not None else '-'!s:>14} "
             f"{variant['bytes_up_per_site_round']:>10} {variant['seconds']:>8.0f}"
         )
-    print_personalised(results)
+    print_personalised(results, metric)
 
 
-def print_personalised(results: dict[str, Any]) -> None:
+def print_personalised(results: dict[str, Any], metric: Metric) -> None:
     """Each site on its own held-out rows: alone, the global model, each personalised variant."""
     variants = results["variants"]
     tuned = {n: v["own_test_fine_tuned"] for n, v in variants.items() if "own_test_fine_tuned" in v}
@@ -378,7 +466,7 @@ def print_personalised(results: dict[str, Any]) -> None:
         if name not in PERSONALISED
         and all(v is not None for v in variant.get("own_test_received", {None: None}).values())
     ]
-    if not (personal or tuned) or "local_only" not in results or not shared:
+    if not (personal or tuned or metric.per_site_table) or "local_only" not in results or not shared:
         return
     reference = shared[0]
     print(
@@ -388,18 +476,20 @@ def print_personalised(results: dict[str, Any]) -> None:
     chosen = [n for n, sites in tuned.items() if isinstance(next(iter(sites.values())), dict)]
     columns += [f"{n}: final global" for n in chosen] + [f"{n}: chosen on validation" for n in chosen]
     print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in columns))
+    digits = metric.digits
     for site, local in results["local_only"].items():
         cells = [variants[n]["own_test_after_local"].get(site) for n in personal]
         cells += [_fine_tuned(sites[site]) for sites in tuned.values()]
         cells += [tuned[n][site]["global"] for n in chosen] + [tuned[n][site]["chosen"] for n in chosen]
+        received = variants[reference]["own_test_received"][site]
         print(
-            f"{site:<10} {_accuracy(local['own_test']):>7.4f} {variants[reference]['own_test_received'][site]:>7.4f} "
-            + " ".join(f"{c:>14.4f}" for c in cells)
+            f"{site:<10} {metric.of(local['own_test']):>7.{digits}f} {received:>7.{digits}f} "
+            + " ".join(f"{c:>14.{digits}f}" for c in cells)
         )
 
 
 def _fine_tuned(result: float | dict[str, float]) -> float:
-    """A site's fine-tuned accuracy (runs before validation choice saved the bare number)."""
+    """A site's fine-tuned metric (runs before validation choice saved the bare number)."""
     return result["fine_tuned"] if isinstance(result, dict) else result
 
 
