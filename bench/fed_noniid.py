@@ -36,33 +36,56 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: variant -> federation spec overrides. Variants measured before logit adjustment became the
-#: classification default turn it off, so that they stay what was measured.
+#: variant -> federation spec overrides. Variants measured before logit adjustment and the kept
+#: optimizer state became the defaults turn them off, so that they stay what was measured.
 VARIANTS: dict[str, list[str]] = {
-    "fedavg": ["strategy.name=fedavg", "local.logit_adjustment=0"],
+    "fedavg": ["strategy.name=fedavg", "local.logit_adjustment=0", "local.optimizer_state=reset"],
     "fedavgm": [
         "strategy.name=fedavgm",
         "strategy.server_learning_rate=1.0",
         "strategy.server_momentum=0.9",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
-    "fedadam": ["strategy.name=fedadam", "strategy.server_learning_rate=0.01", "local.logit_adjustment=0"],
-    "fedyogi": ["strategy.name=fedyogi", "strategy.server_learning_rate=0.01", "local.logit_adjustment=0"],
-    "fedprox": ["strategy.name=fedprox", "strategy.proximal_mu=0.1", "local.logit_adjustment=0"],
-    "lora_product": ["strategy.name=lora_product", "local.logit_adjustment=0"],
-    "fedavg+cosine": ["strategy.name=fedavg", "local.lr_schedule=cosine", "local.logit_adjustment=0"],
+    "fedadam": [
+        "strategy.name=fedadam",
+        "strategy.server_learning_rate=0.01",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
+    ],
+    "fedyogi": [
+        "strategy.name=fedyogi",
+        "strategy.server_learning_rate=0.01",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
+    ],
+    "fedprox": [
+        "strategy.name=fedprox",
+        "strategy.proximal_mu=0.1",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
+    ],
+    "lora_product": ["strategy.name=lora_product", "local.logit_adjustment=0", "local.optimizer_state=reset"],
+    "fedavg+cosine": [
+        "strategy.name=fedavg",
+        "local.lr_schedule=cosine",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
+    ],
     "fedavgm+cosine": [
         "strategy.name=fedavgm",
         "strategy.server_learning_rate=1.0",
         "strategy.server_momentum=0.9",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-2": [
         "strategy.name=fedavgm",
         "strategy.server_momentum=0.0",
         "strategy.server_learning_rate=2.0",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-2+cosine": [
         "strategy.name=fedavgm",
@@ -70,6 +93,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=2.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-1.5+cosine": [
         "strategy.name=fedavgm",
@@ -77,6 +101,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=1.5",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-3+cosine": [
         "strategy.name=fedavgm",
@@ -84,6 +109,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=3.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-4+cosine": [
         "strategy.name=fedavgm",
@@ -91,12 +117,18 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=4.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
     ],
-    "fedavg+logit-adjust": ["strategy.name=fedavg", "local.logit_adjustment=1.0"],
+    "fedavg+logit-adjust": [
+        "strategy.name=fedavg",
+        "local.logit_adjustment=1.0",
+        "local.optimizer_state=reset",
+    ],
     "fedavg+cosine+logit-adjust": [
         "strategy.name=fedavg",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=1.0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-3+cosine+logit-adjust": [
         "strategy.name=fedavgm",
@@ -104,6 +136,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=3.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=1.0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-2+cosine+logit-adjust": [
         "strategy.name=fedavgm",
@@ -111,6 +144,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=2.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=1.0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-4+cosine+logit-adjust": [
         "strategy.name=fedavgm",
@@ -118,6 +152,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.server_learning_rate=4.0",
         "local.lr_schedule=cosine",
         "local.logit_adjustment=1.0",
+        "local.optimizer_state=reset",
     ],
     "fedavg-server-lr-3+cosine+logit-adjust+keep-optimizer": [
         "strategy.name=fedavgm",
@@ -140,10 +175,15 @@ VARIANTS: dict[str, list[str]] = {
         "local.logit_adjustment=1.0",
         "sites_per_round=4",
         "min_sites=4",
+        "local.optimizer_state=reset",
     ],
-    "ffa-lora": ["peft.freeze_lora_a=true", "local.logit_adjustment=0"],
-    "fedsa-lora": ["local.keep_local=[lora_B]", "local.logit_adjustment=0"],
-    "per-site-head": ["local.keep_local=[classifier]", "local.logit_adjustment=0"],
+    "ffa-lora": ["peft.freeze_lora_a=true", "local.logit_adjustment=0", "local.optimizer_state=reset"],
+    "fedsa-lora": ["local.keep_local=[lora_B]", "local.logit_adjustment=0", "local.optimizer_state=reset"],
+    "per-site-head": [
+        "local.keep_local=[classifier]",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=reset",
+    ],
 }
 #: Variants whose sites keep tensors of their own: the global model is not what a site uses, its own is.
 PERSONALISED = ("fedsa-lora", "per-site-head")

@@ -248,8 +248,9 @@ def _train(
     if order.proximal_mu > 0:
         raise FlotillaError("FedProx needs a single-process site (the proximal term runs in-process)")
     if order.keep_optimizer_state:
-        raise FlotillaError(
-            "local.optimizer_state=keep needs a single-process site (the state is carried in-process)"
+        console.print(
+            f"local.optimizer_state=keep: this site trains in {world_size} processes, where the "
+            "optimizer state is not carried (only in-process); it starts fresh each round"
         )
     handle = get_backend(backend).launch(Plan.load(run_dir / "plan.json"), console, wait=True)
     if handle.exit_code:
