@@ -333,6 +333,11 @@ def fine_tune_locally(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="federated levers on label-skewed Debian package sections")
     parser.add_argument("--sites", type=int, default=8)
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        help="the training seed of every model (the specs' 42 when not given); the cut stays seed 0's",
+    )
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-steps", type=int, default=10)
@@ -410,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     test = str(bench.test_file)
     results: dict[str, Any] = {"setup": vars(args) | {"json": str(args.json)}, "variants": {}}
     results["partition"] = json.loads((bench.root / "partition.json").read_text())["partition"]
-    common = [f"output.dir={out / 'baselines'}", "eval.at_start=false"]
+    reseeded = [] if args.train_seed is None else [f"seed={args.train_seed}"]
+    common = [f"output.dir={out / 'baselines'}", "eval.at_start=false", *reseeded]
     if "pooled" in baselines:
         pooled_files = json.dumps([{"path": str(bench.site_data(site))} for site in bench.sites])
         (pooled,) = train_and_evaluate(
@@ -443,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{s} {metric.of(v['shared_test']):.{metric.digits}f}" for s, v in local.items())
         )
     for name in variants:
-        results["variants"][name] = run_variant(bench, name, VARIANTS[name], out / "federations", metric)
+        results["variants"][name] = run_variant(
+            bench, name, [*VARIANTS[name], *reseeded], out / "federations", metric
+        )
         if args.fine_tune_steps and name not in PERSONALISED:
             variant = results["variants"][name]
             variant["own_test_fine_tuned"] = fine_tune_locally(
