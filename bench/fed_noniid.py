@@ -277,7 +277,8 @@ def fine_tune_locally(
     steps): the personalised model of "federate, then fine-tune", on its own held-out rows.
 
     With validation rows per site (``--site-validation-ratio``), the site evaluates every 5 steps,
-    stops early and keeps its best checkpoint by the validation metric, or the global model itself
+    stops early and keeps its best checkpoint by the validation metric (evaluating every
+    ``max(5, steps // 10)`` steps, patience 2), or the global model itself
     when no checkpoint beats it there; the test rows play no part in that choice.
     """
     import shutil
@@ -296,7 +297,7 @@ def fine_tune_locally(
             [
                 f"data.validation={validation}",
                 "eval.at_start=true",
-                "eval.steps=5",
+                f"eval.steps={max(5, steps // 10)}",
                 f"train.early_stopping.metric={metric.key}",
                 f"train.early_stopping.mode={'max' if metric.higher_is_better else 'min'}",
                 "train.early_stopping.patience=2",
@@ -365,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         help="then each site fine-tunes the final global adapter for this many steps on its own rows",
     )
     parser.add_argument(
+        "--fine-tune-from",
+        type=Path,
+        metavar="JSON",
+        help="only fine-tune (--fine-tune-steps) the global adapters of a saved run, on the same "
+        "benchmark rebuilt from its setup, and write that run's results with them to --json",
+    )
+    parser.add_argument(
         "--site-validation-ratio",
         type=float,
         default=0.0,
@@ -384,6 +392,18 @@ def main(argv: list[str] | None = None) -> int:
             merged.update(results)
         print_table(merged)
         return 0
+    saved_run = json.loads(args.fine_tune_from.read_text()) if args.fine_tune_from else None
+    if saved_run is not None:  # the same benchmark as the saved run's, nothing trained but the fine-tunes
+        for key in (
+            "sites",
+            "alpha",
+            "rows_per_section",
+            "test_per_section",
+            "site_validation_ratio",
+            "task",
+        ):
+            setattr(args, key, saved_run["setup"].get(key, getattr(args, key)))
+        args.variants, args.baselines = "", ""
     variants = [name for name in args.variants.split(",") if name]
     baselines = {name for name in args.baselines.split(",") if name}
     if args.task != "classification":
@@ -459,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.json:  # kept after every variant: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
+    if saved_run is not None:
+        results = saved_run | {"setup": saved_run["setup"] | {"fine_tune_steps": args.fine_tune_steps}}
+        for name, variant in results["variants"].items():
+            if name not in PERSONALISED:
+                variant["own_test_fine_tuned"] = fine_tune_locally(
+                    bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned", metric
+                )
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
