@@ -162,6 +162,11 @@ VARIANTS: dict[str, list[str]] = {
         "local.logit_adjustment=1.0",
         "local.optimizer_state=keep",
     ],
+    "fedavg+keep-optimizer": [
+        "strategy.name=fedavg",
+        "local.logit_adjustment=0",
+        "local.optimizer_state=keep",
+    ],
     "fedavg+logit-adjust+keep-optimizer": [
         "strategy.name=fedavg",
         "local.logit_adjustment=1.0",
