@@ -275,7 +275,7 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["frozen-lora-a"] = True
     if fed.local.keep_local:
         config["keep-local"] = list(fed.local.keep_local)
-    if fed.local.optimizer_state == "keep":
+    if fed.local.keeps_optimizer_state(fed.model.task):
         config["keep-optimizer-state"] = True
     if tau := fed.local.logit_adjustment_for(fed.model.task):
         config["logit-adjustment"] = tau

@@ -154,6 +154,25 @@ def test_cosine_schedule_over_rounds_reaches_its_floor_at_the_last_round(write_s
     assert round_config(fed_spec(write_spec, rounds=5), 3)["lr-scale"] == 1.0
 
 
+def test_sites_keep_their_optimizer_state_by_default_for_classification_only(write_spec: Any) -> None:
+    classifier = {"model": {"path": "minilm-l6", "task": "sequence_classification"}, "labels": ["a", "b"]}
+    kept = {
+        name: RoundOrder.from_config({**round_config(spec, 2), "server-round": 2}).keep_optimizer_state
+        for name, spec in (
+            ("classification", fed_spec(write_spec, **classifier)),
+            ("causal_lm", fed_spec(write_spec)),
+            ("classification, reset", fed_spec(write_spec, **classifier, local={"optimizer_state": "reset"})),
+            ("causal_lm, keep", fed_spec(write_spec, local={"optimizer_state": "keep"})),
+        )
+    }
+    assert kept == {
+        "classification": True,
+        "causal_lm": False,
+        "classification, reset": False,
+        "causal_lm, keep": True,
+    }
+
+
 def test_ffa_lora_sites_send_b_and_the_global_a_never_moves(write_spec: Any) -> None:
     spec = fed_spec(write_spec, sites={}, min_sites=1, peft={"freeze_lora_a": True})
     reference = adapter(0)
