@@ -258,7 +258,8 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path, metric: 
     fed = load_federation(bench.fed_spec, [*overrides, f"output={out}", f"name={name.replace('+', '-')}"])
     started = time.time()
     simulate(fed, out / fed.name)
-    rows = RoundStore(out / fed.name).rows()
+    store = RoundStore(out / fed.name)
+    rows = store.rows()
     up = [site["bytes_up"] for row in rows[1:] for site in row.get("sites", []) if site.get("bytes_up")]
     last = {site["site"]: site.get("metrics", {}) for site in rows[-1].get("sites", [])}
     return {
@@ -271,7 +272,7 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path, metric: 
         "final": rows[-1]["server_eval"],
         "bytes_up_per_site_round": max(up) if up else 0,
         "seconds": time.time() - started,
-        "global_adapter": str(RoundStore(out / fed.name).adapter_dir(fed.rounds)),
+        "global_adapter": str(store.adapter_dir(fed.rounds)),
     }
 
 
@@ -281,10 +282,10 @@ def fine_tune_locally(
     """Each site fine-tunes the final global adapter on its own rows (plain loss, up to ``steps``
     steps): the personalised model of "federate, then fine-tune", on its own held-out rows.
 
-    With validation rows per site (``--site-validation-ratio``), the site evaluates every 5 steps,
-    stops early and keeps its best checkpoint by the validation metric (evaluating every
-    ``max(5, steps // 10)`` steps, patience 2), or the global model itself
-    when no checkpoint beats it there; the test rows play no part in that choice.
+    With validation rows per site (``--site-validation-ratio``), the site evaluates every
+    ``max(5, steps // 10)`` steps, stops early (patience 2) and keeps its best checkpoint by the
+    validation metric, or the global model itself when no checkpoint beats it there; the test rows
+    play no part in that choice.
     """
     import shutil
 
