@@ -277,7 +277,7 @@ def run_variant(bench: Any, name: str, overrides: list[str], out: Path, metric: 
 
 
 def fine_tune_locally(
-    bench: Any, adapter: str, steps: int, out: Path, metric: Metric
+    bench: Any, adapter: str, steps: int, out: Path, metric: Metric, select: bool = True
 ) -> dict[str, dict[str, float]]:
     """Each site fine-tunes the final global adapter on its own rows (plain loss, up to ``steps``
     steps): the personalised model of "federate, then fine-tune", on its own held-out rows.
@@ -285,7 +285,8 @@ def fine_tune_locally(
     With validation rows per site (``--site-validation-ratio``), the site evaluates every
     ``max(5, steps // 10)`` steps, stops early (patience 2) and keeps its best checkpoint by the
     validation metric, or the global model itself when no checkpoint beats it there; the test rows
-    play no part in that choice.
+    play no part in that choice. With ``select=False`` every site trains all ``steps`` (the site
+    alone's budget) and keeps the last weights.
     """
     import shutil
 
@@ -298,7 +299,7 @@ def fine_tune_locally(
     tuned: dict[str, dict[str, float]] = {}
     for site in bench.sites:
         validation = bench.site_validation(site)
-        chooses = validation.is_file()
+        chooses = select and validation.is_file()
         selection = (
             [
                 f"data.validation={validation}",
@@ -322,17 +323,20 @@ def fine_tune_locally(
             ],
         )
         run_training(prepared.run_dir, Console(stderr=True, quiet=True))
-        test = str(bench.site_test(site))
-        result = {"fine_tuned": metric.of(evaluate_target(prepared.run_dir, test))}
+        tests = {"": str(bench.site_test(site)), "mix_": str(bench.site_mix_test(site))}
+        shutil.copytree(adapter, prepared.run_dir / "global")  # an artifact inside the run dir
+        result: dict[str, float] = {}
+        for t, f in tests.items():
+            result[f"{t}fine_tuned"] = metric.of(evaluate_target(prepared.run_dir, f))
+            result[f"{t}global"] = metric.of(evaluate_target(prepared.run_dir / "global", f))
         if chooses:
             summary = json.loads((prepared.run_dir / "summary.json").read_text())
-            shutil.copytree(adapter, prepared.run_dir / "global")  # an artifact inside the run dir
-            result["global"] = metric.of(evaluate_target(prepared.run_dir / "global", test))
             result["validation_global"] = metric.of(summary["before"])
             result["validation_fine_tuned"] = metric.of(summary["after"])
             result["steps"] = summary["steps"]
             keep = metric.better(result["validation_fine_tuned"], result["validation_global"])
-            result["chosen"] = result["fine_tuned"] if keep else result["global"]
+            for t in tests:
+                result[f"{t}chosen"] = result[f"{t}fine_tuned"] if keep else result[f"{t}global"]
         tuned[site] = result
     return tuned
 
@@ -377,6 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSON",
         help="only fine-tune (--fine-tune-steps) the global adapters of a saved run, on the same "
         "benchmark rebuilt from its setup, and write that run's results with them to --json",
+    )
+    parser.add_argument(
+        "--fine-tune-select",
+        choices=("validation", "last"),
+        default="validation",
+        help="keep the fine-tune's best checkpoint on the site's validation rows (or the global "
+        "model), or train every step and keep the last weights",
     )
     parser.add_argument(
         "--site-validation-ratio",
@@ -462,13 +473,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         local: dict[str, Any] = {}
         for site in bench.sites:
-            shared, own = train_and_evaluate(
+            shared, own, mix = train_and_evaluate(
                 bench.site_spec(site),
                 [*common, *extra, f"train.max_steps={steps}"],
                 test,
                 str(bench.site_test(site)),
+                str(bench.site_mix_test(site)),
             )
-            local[site] = {"shared_test": shared, "own_test": own}
+            local[site] = {"shared_test": shared, "own_test": own, "mix_test": mix}
         results["local_only" if baseline == "local" else "local_only_logit_adjust"] = local
         print(
             f"{baseline}: "
@@ -481,16 +493,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.fine_tune_steps and name not in PERSONALISED:
             variant = results["variants"][name]
             variant["own_test_fine_tuned"] = fine_tune_locally(
-                bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned", metric
+                bench,
+                variant["global_adapter"],
+                args.fine_tune_steps,
+                out / "fine-tuned",
+                metric,
+                args.fine_tune_select == "validation",
             )
         if args.json:  # kept after every variant: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     if saved_run is not None:
-        results = saved_run | {"setup": saved_run["setup"] | {"fine_tune_steps": args.fine_tune_steps}}
+        fine_tune = {"fine_tune_steps": args.fine_tune_steps, "fine_tune_select": args.fine_tune_select}
+        results = saved_run | {"setup": saved_run["setup"] | fine_tune}
         for name, variant in results["variants"].items():
             if name not in PERSONALISED:
                 variant["own_test_fine_tuned"] = fine_tune_locally(
-                    bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned", metric
+                    bench,
+                    variant["global_adapter"],
+                    args.fine_tune_steps,
+                    out / "fine-tuned",
+                    metric,
+                    args.fine_tune_select == "validation",
                 )
     print_table(results)
     if args.json:
@@ -534,6 +557,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"{variant['bytes_up_per_site_round']:>10} {variant['seconds']:>8.0f}"
         )
     print_personalised(results, metric)
+    print_section_mix(results, metric)
 
 
 def print_personalised(results: dict[str, Any], metric: Metric) -> None:
@@ -566,6 +590,34 @@ def print_personalised(results: dict[str, Any], metric: Metric) -> None:
         print(
             f"{site:<10} {metric.of(local['own_test']):>7.{digits}f} {received:>7.{digits}f} "
             + " ".join(f"{c:>14.{digits}f}" for c in cells)
+        )
+
+
+def print_section_mix(results: dict[str, Any], metric: Metric) -> None:
+    """Each site on the shared test rows drawn with its section mix: alone, the final global model,
+    the fine-tuned one and the one chosen on validation, and how many sites are at or above both."""
+    local = results.get("local_only", {})
+    for name, sites in results["variants"].items():
+        tuned = sites.get("own_test_fine_tuned", {})
+        if not tuned or not all(
+            "mix_global" in t and "mix_test" in local.get(s, {}) for s, t in tuned.items()
+        ):
+            continue
+        keys = ["mix_fine_tuned"] + (["mix_chosen"] if all("mix_chosen" in t for t in tuned.values()) else [])
+        print(f"\nEach site on shared test rows with its section mix; {name}, then fine-tuned")
+        columns = ["alone", "global", *(key[4:].replace("_", "-") for key in keys)]
+        print(f"{'site':<10} {'rows':>5} " + " ".join(f"{c:>11}" for c in columns))
+        wins = dict.fromkeys(keys, 0)
+        for site, result in tuned.items():
+            alone, glob = metric.of(local[site]["mix_test"]), result["mix_global"]
+            for key in keys:
+                wins[key] += not (metric.better(alone, result[key]) or metric.better(glob, result[key]))
+            cells = (alone, glob, *(result[key] for key in keys))
+            rows = local[site]["mix_test"].get("rows", "")
+            print(f"{site:<10} {rows!s:>5} " + " ".join(f"{c:>11.{metric.digits}f}" for c in cells))
+        print(
+            "at or above both alone and global: "
+            + ", ".join(f"{key[4:].replace('_', '-')} {n} of {len(tuned)}" for key, n in wins.items())
         )
 
 

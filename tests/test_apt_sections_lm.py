@@ -52,3 +52,19 @@ def test_causal_lm_sites_hold_text_rows_cut_by_section_and_their_specs_load(tmp_
     assert (fed.model.task, fed.labels, fed.evaluation.format) == ("causal_lm", None, "text")
     assert fed.local.logit_adjustment_for(fed.model.task) == 0.0
     assert sorted(fed.sites) == bench.sites
+    for site in bench.sites:  # the shared rows drawn with the site's mix: only sections it holds
+        held = Counter(row["section"] for row in rows(bench.site_data(site)) + rows(bench.site_test(site)))
+        assert set(Counter(row["section"] for row in rows(bench.site_mix_test(site)))) <= set(held)
+
+
+def test_section_mix_sample_follows_the_site_mix_and_takes_all_home_rows() -> None:
+    from bench.apt_sections import section_mix_sample
+
+    test = [{"text": f"{s} {i}", "label": s} for i in range(20) for s in ("libs", "doc", "games")]
+    mix = Counter({"doc": 30, "libs": 15, "games": 3})  # doc home: all 20 rows, libs 10, games 2
+    sample = section_mix_sample(test, mix, "label")
+    assert Counter(row["label"] for row in sample) == {"doc": 20, "libs": 10, "games": 2}
+    assert [row for row in sample if row["label"] == "libs"] == [r for r in test if r["label"] == "libs"][:10]
+    assert section_mix_sample(test, Counter({"games": 7}), "label") == [
+        r for r in test if r["label"] == "games"
+    ]
