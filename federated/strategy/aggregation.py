@@ -565,7 +565,7 @@ def lora_product_average(
     # and a multi-threaded BLAS only contends (100 sites x 60 SmolLM2 q/v modules on 2 cores: serial
     # 0.9 s, 2 threads 0.6-0.8 s, serial with 2 BLAS threads 1.3-1.7 s). A module's result depends
     # only on its inputs, so scheduling does not change the output.
-    work = list(pairs.values())
+    work = _large_beside_small(list(pairs.values()), updates[0].arrays)
     workers = min(len(work), _MAX_WORKERS)
     with threadpool_limits(limits=1, user_api="blas"):
         if workers > 1:
@@ -576,6 +576,26 @@ def lora_product_average(
     for (a_key, b_key), (b, a) in zip(work, refitted, strict=True):
         result[a_key], result[b_key] = a.astype(np.float32), b.astype(np.float32)
     return {key: result[key] for key in keys}
+
+
+def _large_beside_small(
+    work: list[tuple[str, str]], arrays: Mapping[str, np.ndarray]
+) -> list[tuple[str, str]]:
+    """The modules in the order largest, smallest, second largest, second smallest, ...
+
+    The threads take modules in this order, so a module with large stacks (SmolLM2's MLP: 13.5 MB
+    of float64 per thread) mostly runs beside a small one rather than beside another large one,
+    whose stacks together would overflow the shared 32 MB L3 cache and send the matrix-vector
+    products to memory (100 sites x the 210-module SmolLM2 adapter on 2 cores, alternating with the
+    previous order in one run: median 1.03 s against 1.09 s).
+    """
+    by_size = sorted(work, key=lambda pair: sum(np.size(arrays[key]) for key in pair), reverse=True)
+    order = []
+    while by_size:
+        order.append(by_size.pop(0))
+        if by_size:
+            order.append(by_size.pop())
+    return order
 
 
 def _cpu_count() -> int:
