@@ -515,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                     metric,
                     args.fine_tune_select == "validation",
                 )
-    print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    print_table(results)
     return 0
 
 
@@ -578,7 +578,7 @@ def print_personalised(results: dict[str, Any], metric: Metric) -> None:
         f"\nEach site on its own held-out rows; global = the {reference} model a site received in the last round"
     )
     columns = [*personal, *(f"{n} + fine-tune" for n in tuned)]
-    chosen = [n for n, sites in tuned.items() if isinstance(next(iter(sites.values())), dict)]
+    chosen = [n for n, sites in tuned.items() if "chosen" in _as_dict(next(iter(sites.values())))]
     columns += [f"{n}: final global" for n in chosen] + [f"{n}: chosen on validation" for n in chosen]
     print(f"{'site':<10} {'alone':>7} {'global':>7} " + " ".join(f"{n:>14}" for n in columns))
     digits = metric.digits
@@ -621,9 +621,14 @@ def print_section_mix(results: dict[str, Any], metric: Metric) -> None:
         )
 
 
+def _as_dict(result: float | dict[str, float]) -> dict[str, float]:
+    """A site's fine-tune results (runs before validation choice saved the bare fine-tuned number)."""
+    return result if isinstance(result, dict) else {"fine_tuned": result}
+
+
 def _fine_tuned(result: float | dict[str, float]) -> float:
-    """A site's fine-tuned metric (runs before validation choice saved the bare number)."""
-    return result["fine_tuned"] if isinstance(result, dict) else result
+    """A site's fine-tuned metric."""
+    return _as_dict(result)["fine_tuned"]
 
 
 if __name__ == "__main__":
