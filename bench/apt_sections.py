@@ -251,7 +251,7 @@ def section_mix_sample(
     test: list[dict[str, str]], mix: Counter[str], section_key: str
 ) -> list[dict[str, str]]:
     """The largest sample of the shared ``test`` rows whose sections follow ``mix`` (a site's rows
-    per section): the site's own distribution, estimated on 2-10x more rows than its held-out
+    per section): the site's own distribution, estimated on 2-7x more rows than its held-out
     file (a site of 200 rows holds out 40; a 3-row difference there is 7.5 points).
 
     The section that dominates ``mix`` contributes all its shared rows, every other one its

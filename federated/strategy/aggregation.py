@@ -590,7 +590,7 @@ def _large_beside_small(
     previous order in one run: median 1.03 s against 1.09 s).
     """
     by_size = sorted(work, key=lambda pair: sum(np.size(arrays[key]) for key in pair), reverse=True)
-    order = []
+    order: list[tuple[str, str]] = []
     while by_size:
         order.append(by_size.pop(0))
         if by_size:
