@@ -258,7 +258,8 @@ def test_a_stop_signal_checkpoints_the_workers_and_stops_the_private_ray(
     try:
         root = tmp_path / "runs" / "tiny"
         logged = lambda: any('"loss"' in f.read_text() for f in root.glob("*/metrics.jsonl"))  # noqa: E731
-        wait_for(logged, 300, "the first training loss")
+        wait_for(lambda: logged() or process.poll() is not None, 300, "the first training loss")
+        assert logged(), f"exit {process.returncode} before training:\n{log.read_text()[-4000:]}"
         job = process_tree(process.pid)
         assert len(job) >= 4, job  # the CLI, `ray start`, Ray's daemons, the worker
         process.send_signal(signal.SIGTERM)

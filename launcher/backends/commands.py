@@ -13,6 +13,7 @@ import re
 import shlex
 import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +28,21 @@ _SHELL_REFERENCE = re.compile(r"^\$(\w+|\{\w+\})$")
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now.
+
+    Every socket stays bound until all are picked: ports picked one after another, each released
+    before the next, can repeat (two of a private Ray head's seven did, and the head refused to
+    start).
+    """
+    with ExitStack() as bound:
+        sockets = [bound.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
 
 
 def torchrun_command(plan: Plan, master_port: int) -> list[str]:

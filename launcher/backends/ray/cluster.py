@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from launcher.backends.commands import free_port
+from launcher.backends.commands import free_ports
 from launcher.errors import BackendError, FlotillaError
 from launcher.plan import Plan
 from launcher.processes import stop_processes
@@ -48,16 +48,17 @@ class RayHead:
         The dashboard also serves the state API, which Ray Train uses to clean up after a driver.
         """
         temp_dir = Path(tempfile.mkdtemp(prefix="flotilla-ray-"))
-        port, dashboard_port = free_port(), free_port()
-        ports = {
-            "--port": port,
-            "--ray-client-server-port": free_port(),
-            "--dashboard-port": dashboard_port,
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-        }
+        flags = (
+            "--port",
+            "--ray-client-server-port",
+            "--dashboard-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+        )
+        ports = dict(zip(flags, free_ports(len(flags)), strict=True))
+        port, dashboard_port = ports["--port"], ports["--dashboard-port"]
         command = [
             sys.executable,
             "-m",
