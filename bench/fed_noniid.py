@@ -486,35 +486,29 @@ def main(argv: list[str] | None = None) -> int:
             f"{baseline}: "
             + ", ".join(f"{s} {metric.of(v['shared_test']):.{metric.digits}f}" for s, v in local.items())
         )
+
+    def fine_tune(variant: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """The sites' fine-tunes of ``variant``'s final global adapter, as the options ask."""
+        select = args.fine_tune_select == "validation"
+        return fine_tune_locally(
+            bench, variant["global_adapter"], args.fine_tune_steps, out / "fine-tuned", metric, select
+        )
+
     for name in variants:
         results["variants"][name] = run_variant(
             bench, name, [*VARIANTS[name], *reseeded], out / "federations", metric
         )
         if args.fine_tune_steps and name not in PERSONALISED:
             variant = results["variants"][name]
-            variant["own_test_fine_tuned"] = fine_tune_locally(
-                bench,
-                variant["global_adapter"],
-                args.fine_tune_steps,
-                out / "fine-tuned",
-                metric,
-                args.fine_tune_select == "validation",
-            )
+            variant["own_test_fine_tuned"] = fine_tune(variant)
         if args.json:  # kept after every variant: a long run that is stopped keeps what it measured
             args.json.write_text(json.dumps(results, indent=2))
     if saved_run is not None:
-        fine_tune = {"fine_tune_steps": args.fine_tune_steps, "fine_tune_select": args.fine_tune_select}
-        results = saved_run | {"setup": saved_run["setup"] | fine_tune}
+        options = {"fine_tune_steps": args.fine_tune_steps, "fine_tune_select": args.fine_tune_select}
+        results = saved_run | {"setup": saved_run["setup"] | options}
         for name, variant in results["variants"].items():
             if name not in PERSONALISED:
-                variant["own_test_fine_tuned"] = fine_tune_locally(
-                    bench,
-                    variant["global_adapter"],
-                    args.fine_tune_steps,
-                    out / "fine-tuned",
-                    metric,
-                    args.fine_tune_select == "validation",
-                )
+                variant["own_test_fine_tuned"] = fine_tune(variant)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print_table(results)
