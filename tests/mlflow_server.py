@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from launcher.backends.commands import free_port
 from launcher.processes import process_tree, stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 MLFLOW_VENV = Path(os.environ.get("FLOTILLA_MLFLOW_VENV", REPO / ".venv-mlflow"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _healthy(uri: str) -> bool:
@@ -43,7 +36,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not binary.is_file():
         unavailable(f"no MLflow server at {binary}: run bash tests/install_mlflow_server.sh")
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = (root / "server.log").open("w")
     server = subprocess.Popen(
