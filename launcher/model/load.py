@@ -17,6 +17,7 @@ from transformers import (
 
 from launcher.atomic import publish_dir, staging_dir
 from launcher.errors import FlotillaError
+from launcher.model.dropout import use_fast_lora_dropout
 from launcher.model.source import ModelSource, gguf_cache_dir, hub_hint, resolve_model_source
 from launcher.spec import ModelSpec, PeftSpec
 
@@ -110,6 +111,7 @@ def apply_peft(model: PreTrainedModel, peft_spec: PeftSpec, task: str) -> PreTra
         wrapped = get_peft_model(model, config)
     except ValueError as exc:
         raise FlotillaError(f"peft.target_modules: {exc}") from None
+    use_fast_lora_dropout(wrapped)
     if peft_spec.init_from:
         load_adapter_weights(wrapped, Path(peft_spec.init_from))
     if peft_spec.freeze_lora_a:

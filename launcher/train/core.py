@@ -44,6 +44,7 @@ from launcher.spec import JobSpec
 from launcher.train.attention import use_per_document_attention
 from launcher.train.callbacks import CheckpointOnSignal, GradualUnfreeze, MetricsJsonl
 from launcher.train.checkpoint import latest_verified_checkpoint, save_verified
+from launcher.train.cross_entropy import use_chunked_loss
 from launcher.train.generation_metrics import generation_metrics
 from launcher.train.library_output import hide_library_progress_bars, show_library_warnings_once
 from launcher.train.logit_adjustment import adjust_logits_in_training, label_log_prior
@@ -196,6 +197,7 @@ def build_model(
     # Training needs no KV cache; without one, packed rows get a block-diagonal attention mask.
     model.config.use_cache = False
     choose_attention(model, spec)
+    use_chunked_loss(model)
     freeze_parameters(model, spec.model.freeze)
     model = apply_peft(model, spec.peft, spec.model.task)
     if spec.model.gradient_checkpointing:
