@@ -1,4 +1,5 @@
-"""What backends share: free ports, the worker module, and the torchrun and DeepSpeed launcher commands.
+"""What backends share: free ports, the worker module, the torchrun and DeepSpeed launcher commands,
+and the removal of what DeepSpeed's launcher leaves behind.
 
 - ``torchrun``: the plan's processes on one node, rendezvous on loopback;
 - DeepSpeed's launcher, by how a node learns its place: ``local`` (one node; on a CPU machine
@@ -154,3 +155,18 @@ def write_hostfile(path: Path, hosts: list[str], slots: int) -> Path:
     """Write a hostfile giving each of ``hosts`` ``slots`` ranks."""
     path.write_text("".join(f"{host} slots={slots}\n" for host in hosts), encoding="utf-8")
     return path
+
+
+#: DeepSpeed's shared-memory allreduce (every rank on one node) gives each rank a POSIX shared-memory
+#: segment of 64 MiB named after the user and the master address and port (deepspeed 0.19,
+#: ``csrc/cpu/comm/shm.cpp``) and never unlinks it: each run on a CPU node would keep N x 64 MiB of
+#: RAM in /dev/shm until the next reboot. The backend removes its run's segments when the run ends.
+SHM_SEGMENTS = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_"
+
+
+def release_shared_memory(segments: str) -> None:
+    """Unlink the run's DeepSpeed allreduce segments (:data:`SHM_SEGMENTS`, one per local rank)."""
+    folder, prefix = os.path.split(segments)
+    for path in Path(folder).glob(f"{prefix}[0-9]*"):
+        if path.name[len(prefix) :].isdigit():
+            path.unlink(missing_ok=True)

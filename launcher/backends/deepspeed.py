@@ -26,9 +26,11 @@ from rich.console import Console
 from launcher.atomic import write_owner_only
 from launcher.backends.base import JOB_RECORD, RunHandle, follow_logs
 from launcher.backends.commands import (
+    SHM_SEGMENTS,
     free_port,
     launcher_command,
     read_hostfile,
+    release_shared_memory,
     render_shell,
     torchrun_command,
 )
@@ -65,11 +67,16 @@ class DeepSpeedBackend:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **start.env}
         env["PYTHONUNBUFFERED"] = "1"
         details = {"master": f"{start.master}:{port}"}
+        segments = SHM_SEGMENTS.format(uid=os.getuid(), addr=start.master, port=port)
         if wait:
             code = run_process_group(start.command, env)
+            release_shared_memory(segments)
             return RunHandle(self.name, run_dir, exit_code=code, details=details)
         (run_dir / EXIT_FILE).unlink(missing_ok=True)
-        script = f"{render_shell(start.command)}; echo $? > {shlex.quote(str(run_dir / EXIT_FILE))}"
+        script = (
+            f"{render_shell(start.command)}; code=$?; rm -f {shlex.quote(segments)}[0-9]*; "
+            f"echo $code > {shlex.quote(str(run_dir / EXIT_FILE))}"
+        )
         with (run_dir / LOG_FILE).open("ab") as log:
             process = subprocess.Popen(
                 ["/bin/sh", "-c", script],

@@ -10,7 +10,8 @@
     DeepSpeed's per-node launcher as a child (``launcher.processes.run_process_group``). The
     launchers inherit SIGUSR1 as ignored (only the training processes handle it, to checkpoint); a
     stop signal sent here goes to every process of the job, and this process waits until all of them
-    have exited, so that no worker is killed by the end of the Slurm step while it saves.
+    have exited, so that no worker is killed by the end of the Slurm step while it saves; then it
+    removes the node's DeepSpeed allreduce segments.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import socket
 import sys
 
+from launcher.backends.commands import SHM_SEGMENTS, release_shared_memory
 from launcher.errors import BAD_INPUT_EXIT_CODE, REQUEUE_EXIT_CODE
 from launcher.processes import run_process_group
 
@@ -57,6 +59,10 @@ def run_deepspeed(command: list[str]) -> int:
     """DeepSpeed's per-node launcher in its own process group (signals forwarded, all of it awaited)."""
     say(f"command: {' '.join(command)}")
     code = run_process_group(command)
+    options = dict(arg.removeprefix("--").split("=", 1) for arg in command if arg.startswith("--master_"))
+    if {"master_addr", "master_port"} <= options.keys():
+        addr, port = options["master_addr"], options["master_port"]
+        release_shared_memory(SHM_SEGMENTS.format(uid=os.getuid(), addr=addr, port=port))
     if code == REQUEUE_EXIT_CODE:
         say("stopped by a signal; the workers were told to checkpoint")
     return exit_code_of([code]) if code else 0
