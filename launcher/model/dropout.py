@@ -2,9 +2,10 @@
 
 peft applies ``lora_dropout`` to the input of every adapted module, and on CPU torch draws the mask
 with ``bernoulli_`` at ~7 ns per element: with LoRA on all linear layers of SmolLM2-135M and a
-2,386-token packed batch that is 357 M draws per step, 14% of the step, more than the adapters'
-own matrix products. Here each element's keep/drop decision compares an independent 16-bit word of
-torch's generator (four per 64-bit draw) with ``p`` x 65536, so ``p`` is honoured to 1/65536, and the
+2,386-token packed batch that is 357 M draws per step, more work than the adapters' own matrix
+products. Here each element's keep/drop decision compares an independent 16-bit word of torch's
+generator (four per 64-bit draw) with ``p`` x 65536, so ``p`` is honoured to 1/65536 (one [2386, 576]
+float32 input on one thread: torch's dropout 12 ms, this one 3.5 ms), and the
 mask (one byte per element) is saved for the backward pass, as torch's dropout saves its own. Draws
 come from torch's default generator, so seeding and a resumed run's restored RNG state apply as
 before. CUDA and other devices keep torch's fused kernel, which is already fast there.
@@ -27,7 +28,8 @@ def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """A boolean mask of ``shape``, each element True (dropped) with probability ``p`` (to 1/65536)."""
     count = math.prod(shape)
     words = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-    threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 words are uniform on [-32768, 32767]
+    # int16 words are uniform on [-32768, 32767]; p within 2^-17 of 1 drops all but 1 in 65536
+    threshold = min(round(p * _LEVELS), _LEVELS - 1) - _LEVELS // 2
     return words.view(torch.int16)[:count].view(shape) < threshold
 
 

@@ -3,9 +3,10 @@
 torch's ``cross_entropy`` over ``[targets, vocabulary]`` logits passes over a tensor far larger than
 the cache (SmolLM2: 1,247 targets x 49,152 words = 245 MB) about six times: ``log_softmax`` writes
 it, the backward allocates and zero-fills a gradient of the same size, scatters into it, and reads
-both again. Inside a training step on one core that measured 2.0 s of 21. Here the forward takes
-each chunk of rows while it is in cache and computes its log-sum-exp, its loss and its gradient
-(softmax minus one-hot) in one visit; the backward only scales the saved gradient. The loss and
+both again. Here the forward takes each chunk of rows while it is in cache and computes its
+log-sum-exp, its loss and its gradient (softmax minus one-hot) in one visit; the backward only
+scales the saved gradient (forward and backward over those logits on one thread: torch 394 ms,
+this 205 ms). The loss and
 gradient are torch's to float rounding, and the saved gradient takes the memory torch's saved
 ``log_softmax`` output took. Only for training on CPU: on accelerators, and without a backward
 pass, torch's fused kernel is used. No kept library offers a chunked loss for CPU training
