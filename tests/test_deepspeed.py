@@ -139,6 +139,7 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
     zero3_reference: Path, tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
     spec = write_spec(tiny_job(tiny_llama, tmp_path, resources=ZERO3, train=STEPS))
+    before = set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
     process = start_flotilla("run", str(spec), start_new_session=True)
     deadline = time.time() + 400
     sealed = tmp_path / "runs" / "tiny"
@@ -149,6 +150,9 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the CLI, DeepSpeed's launcher and both ranks
     process.wait()
+    # a killed CLI cannot remove its ranks' shared-memory segments: the test does
+    for segment in set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) - before:
+        segment.unlink()
     run_dir = only_run_dir(tmp_path / "runs")
     assert not (run_dir / "summary.json").exists()
     resumed = flotilla("run", "--resume", str(run_dir))
