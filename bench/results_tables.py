@@ -1,8 +1,9 @@
 """Write bench/RESULTS.md's training-speed tables from the raw results of bench/compare.py.
 
 Each block of tables sits between two marker lines in RESULTS.md, the first naming the raw results
-file it is made from, and is replaced whole; everything else in the file is left as written. Ratios are taken per repeat (the sides of one repeat ran back to back) and
-shown as the median, with min-max when there are several repeats.
+file it is made from, and is replaced whole; everything else in the file is left as written. Ratios
+are taken per repeat (the sides of one repeat ran back to back) and shown as the median, with min-max
+when there are several repeats.
 
     python bench/results_tables.py            # every block, from the file its marker names
     python bench/results_tables.py --check    # exit 1 if RESULTS.md is not up to date

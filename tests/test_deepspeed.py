@@ -38,16 +38,20 @@ RANK = 4  # tiny_job's LoRA rank
 STEPS = {"max_steps": 8, "save_steps": 3, "logging_steps": 1}
 
 
+def shm_segments() -> set[Path]:
+    """This user's DeepSpeed shared-memory allreduce segments in /dev/shm."""
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
 def run_job(tmp_path: Path, write_spec: Any, model_dir: Path, name: str, **sections: Any) -> Path:
     """Run a tiny job through ``flotilla run`` and return its run directory; the run leaves none of
     DeepSpeed's 64 MiB shared-memory allreduce segments behind in /dev/shm."""
     spec = write_spec(tiny_job(model_dir, tmp_path / name, **sections), f"{name}.yaml")
-    segments = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
-    before = set(Path("/dev/shm").glob(segments))
+    before = shm_segments()
     result = flotilla("run", str(spec))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "preflight: 2 ranks" in result.stderr
-    assert not set(Path("/dev/shm").glob(segments)) - before
+    assert not shm_segments() - before
     return only_run_dir(tmp_path / name / "runs")
 
 
@@ -139,7 +143,7 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
     zero3_reference: Path, tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
     spec = write_spec(tiny_job(tiny_llama, tmp_path, resources=ZERO3, train=STEPS))
-    before = set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+    before = shm_segments()
     process = start_flotilla("run", str(spec), start_new_session=True)
     deadline = time.time() + 400
     sealed = tmp_path / "runs" / "tiny"
@@ -151,7 +155,7 @@ def test_sigkill_then_resume_under_zero3_matches_the_uninterrupted_run(
     os.killpg(process.pid, signal.SIGKILL)  # the CLI, DeepSpeed's launcher and both ranks
     process.wait()
     # a killed CLI cannot remove its ranks' shared-memory segments: the test does
-    for segment in set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) - before:
+    for segment in shm_segments() - before:
         segment.unlink()
     run_dir = only_run_dir(tmp_path / "runs")
     assert not (run_dir / "summary.json").exists()

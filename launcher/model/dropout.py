@@ -5,8 +5,8 @@ with ``bernoulli_`` at ~7 ns per element: with LoRA on all linear layers of Smol
 2,386-token packed batch that is 357 M draws per step, more work than the adapters' own matrix
 products. Here each element's keep/drop decision compares an independent 16-bit word of torch's
 generator (four per 64-bit draw) with ``p`` x 65536, so ``p`` is honoured to 1/65536 (one [2386, 576]
-float32 input on one thread: torch's dropout 12 ms, this one 3.5 ms), and the
-mask (one byte per element) is saved for the backward pass, as torch's dropout saves its own. Draws
+float32 input on one thread: torch's dropout 12 ms, this one 3.5 ms), and the mask (one byte per
+element) is saved for the backward pass, as torch's dropout saves its own. Draws
 come from torch's default generator, so seeding and a resumed run's restored RNG state apply as
 before. CUDA and other devices keep torch's fused kernel, which is already fast there.
 torch has no cheaper Bernoulli sampler on CPU and peft no hook for one, hence this module.
@@ -57,10 +57,8 @@ class CpuFastDropout(nn.Dropout):
         return _DropAndScale.apply(x, drop_mask(x.shape, self.p), 1.0 / (1.0 - self.p))
 
 
-def use_fast_lora_dropout(model: nn.Module) -> int:
-    """Swap every peft ``lora_dropout`` ``nn.Dropout`` of ``model`` for :class:`CpuFastDropout`;
-    returns how many were swapped."""
-    swapped = 0
+def use_fast_lora_dropout(model: nn.Module) -> None:
+    """Swap every peft ``lora_dropout`` ``nn.Dropout`` of ``model`` for :class:`CpuFastDropout`."""
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, nn.ModuleDict):
@@ -68,5 +66,3 @@ def use_fast_lora_dropout(model: nn.Module) -> int:
         for name, dropout in dropouts.items():
             if type(dropout) is nn.Dropout:
                 dropouts[name] = CpuFastDropout(dropout.p)
-                swapped += 1
-    return swapped

@@ -6,9 +6,8 @@ it, the backward allocates and zero-fills a gradient of the same size, scatters 
 both again. Here the forward takes each chunk of rows while it is in cache and computes its
 log-sum-exp, its loss and its gradient (softmax minus one-hot) in one visit; the backward only
 scales the saved gradient (forward and backward over those logits on one thread: torch 394 ms,
-this 205 ms). The loss and
-gradient are torch's to float rounding, and the saved gradient takes the memory torch's saved
-``log_softmax`` output took. Only for training on CPU: on accelerators, and without a backward
+this 205 ms). The loss and gradient are torch's to float rounding, and the saved gradient takes
+the memory torch's saved ``log_softmax`` output took. Only for training on CPU: on accelerators, and without a backward
 pass, torch's fused kernel is used. No kept library offers a chunked loss for CPU training
 (Liger's fused kernels are Triton, GPU only), hence this module.
 """
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import ForCausalLMLoss, fixed_cross_entropy
 
 #: Bytes of logits handled per chunk: rows of a 49k vocabulary fit in a core's share of cache.
 _CHUNK_BYTES = 2 << 20
@@ -62,20 +61,16 @@ def cross_entropy(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """transformers' ``fixed_cross_entropy``: the summed loss over ``num_items_in_batch``, else the
-    mean over targets; chunked when it will be differentiated on CPU, torch's kernel otherwise."""
+    """transformers' ``fixed_cross_entropy`` (the summed loss over ``num_items_in_batch``, else the
+    mean over targets), chunked when it will be differentiated on CPU."""
     if logits.device.type != "cpu" or not (torch.is_grad_enabled() and logits.requires_grad):
-        reduction = "sum" if num_items_in_batch is not None else "mean"
-        loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
-    else:
-        loss = _ChunkedCrossEntropySum.apply(logits, target, ignore_index)
-        if num_items_in_batch is None:
-            loss = loss / (target != ignore_index).sum()
+        return fixed_cross_entropy(logits, target, num_items_in_batch, ignore_index)
+    total = _ChunkedCrossEntropySum.apply(logits, target, ignore_index)
     if num_items_in_batch is None:
-        return loss
+        return total / (target != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def causal_lm_loss(
@@ -95,11 +90,9 @@ def causal_lm_loss(
     return cross_entropy(logits.float().view(-1, vocab_size), target, num_items_in_batch, ignore_index)
 
 
-def use_chunked_loss(model: torch.nn.Module) -> bool:
+def use_chunked_loss(model: torch.nn.Module) -> None:
     """Give ``model`` (or the model under its peft wrapper) :func:`causal_lm_loss` when its loss is
-    transformers' causal-LM one; returns whether it did."""
+    transformers' causal-LM one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel) or base.loss_function is not ForCausalLMLoss:
-        return False
-    base.loss_function = causal_lm_loss
-    return True
+    if isinstance(base, PreTrainedModel) and base.loss_function is ForCausalLMLoss:
+        base.loss_function = causal_lm_loss
