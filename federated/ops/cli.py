@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -21,7 +20,7 @@ from federated.rounds import RoundStore
 from federated.sites import forget_enrollment, revoke_site, revoked_sites, site_names
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
-from launcher.errors import REQUEUE_EXIT_CODE, BackendError, FlotillaError
+from launcher.errors import BackendError, FlotillaError
 from launcher.plan import load_job
 
 console = Console(stderr=True, highlight=False)
@@ -112,25 +111,21 @@ def _load(args: argparse.Namespace) -> tuple[FederationSpec, Path]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run (or resume) a federation with the simulation engine and print its tables."""
-    from federated.ops.simulation import SimulationStopped, simulate  # flwr, Ray: only when it runs
+    from federated.ops.simulation import simulate  # flwr, Ray: only when it runs
 
     fed, work_dir = _load(args)
     _say_resume(RoundStore(work_dir))
     started = time.time()
-    try:
-        simulate(fed, work_dir, num_cpus=args.cpus, cpus_per_site=args.cpus_per_site)
-    except SimulationStopped as stopped:
+
+    def say_stopped(signum: int) -> None:
         done = RoundStore(work_dir).last_completed() or 0
         kept = f"rounds 1-{done} are kept; " if done else ""
         console.print(
-            f"{stopped}: Ray is stopped; {kept}the federation resumes after round {done} with: "
-            f"flotilla fed simulate {args.spec}"
+            f"stopped by signal {signum}: Ray is stopped; {kept}the federation resumes after round "
+            f"{done} with: flotilla fed simulate {args.spec}"
         )
-        # Flower's threads (the ServerApp awaiting replies, its executor in ray.get) never end once
-        # Ray is gone, and interpreter exit would wait for them: every record is already on disk.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(REQUEUE_EXIT_CODE)
+
+    simulate(fed, work_dir, num_cpus=args.cpus, cpus_per_site=args.cpus_per_site, on_stop=say_stopped)
     _print_tables(work_dir)
     out.print(f"simulation finished in {time.time() - started:.0f} s; work dir: {work_dir}")
     return 0

@@ -19,8 +19,8 @@ from federated.client_app import Site, build_client_app
 from federated.server_app import build_server_app
 from federated.spec import FederationSpec
 from launcher.backends import pin_loopback
-from launcher.errors import FlotillaError
-from launcher.processes import StopRequests
+from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
+from launcher.processes import StopRequests, process_tree, stop_processes
 
 
 def simulated_sites(fed: FederationSpec, work_dir: Path) -> list[Site]:
@@ -41,8 +41,14 @@ def simulate(
     num_cpus: int = 2,
     cpus_per_site: int = 1,
     extra_mods: Sequence[Callable[..., Any]] = (),
+    on_stop: Callable[[int], None] = lambda signum: None,
 ) -> None:
-    """Run (or resume) the federation with one virtual SuperNode per site; blocks until done."""
+    """Run (or resume) the federation with one virtual SuperNode per site; blocks until done.
+
+    A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) ends this process: Ray's processes are killed,
+    ``on_stop(signum)`` says how to resume, and the exit code is 85. Rounds already committed are on
+    disk; the round in flight is redone on resume.
+    """
     from flwr.simulation import run_simulation
 
     sites = simulated_sites(fed, work_dir)
@@ -50,8 +56,16 @@ def simulate(
     client = build_client_app(sites, extra_mods)
     ray_dir = Path(tempfile.mkdtemp(prefix="flotilla-ray-"))
     backend = {"client_resources": {"num_cpus": cpus_per_site}}
+
+    def stop_now(signum: int) -> None:
+        _end_ray_processes(ray_dir)
+        on_stop(signum)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(REQUEUE_EXIT_CODE)
+
     try:
-        with StopRequests(_stop_now) as stop:
+        with StopRequests(stop_now) as stop:
             _start_ray(num_cpus, ray_dir)
             stop.install()  # ray.init took SIGTERM over
             run_simulation(build_server_app(fed, work_dir), client, len(sites), backend_config=backend)
@@ -60,17 +74,16 @@ def simulate(
         shutil.rmtree(ray_dir, ignore_errors=True)
 
 
-class SimulationStopped(BaseException):
-    """A stop signal ended the simulation (a BaseException: Flower's handlers of Exception let it
-    through, and ends its ServerApp thread on the way out)."""
+def _end_ray_processes(ray_dir: Path) -> None:
+    """Kill every process this one started (Ray's daemons, and the sites' actors below them), by PID.
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum
-
-
-def _stop_now(signum: int) -> None:
-    raise SimulationStopped(signum)
+    Ray is not shut down in-process on a stop: Flower's threads are inside Ray calls then (the
+    ServerApp awaiting replies, its executor in ``ray.get``), and one that touches Ray after
+    ``ray.shutdown()`` ends the process with exit code 1 ("The core worker has already been
+    shutdown"). Nor could interpreter exit wait for those threads: they never end once Ray is gone.
+    """
+    stop_processes(process_tree(os.getpid())[1:], kill=True)
+    shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def _start_ray(num_cpus: int, temp_dir: Path) -> None:
