@@ -101,3 +101,18 @@ def from_record(record: ArrayRecord) -> Arrays:
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of array data in a record (what travels, without message framing)."""
     return int(sum(len(v.data) for v in record.values()))
+
+
+def trainable_matches(
+    model: torch.nn.Module, arrays: Mapping[str, np.ndarray]
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """Each trainable parameter of ``model`` paired with the array of the same adapter tensor (PEFT's
+    ``.default.`` and ``.modules_to_save.`` left out of the name), as a tensor of its device and dtype."""
+    keyed = {key.removesuffix(".weight"): value for key, value in arrays.items()}
+    pairs = []
+    for name, param in model.named_parameters():
+        key = name.replace(".default.", ".").replace(".modules_to_save.", ".").removesuffix(".weight")
+        array = keyed.get(key) if param.requires_grad else None
+        if array is not None and tuple(np.shape(array)) == tuple(param.shape):
+            pairs.append((param, torch.as_tensor(np.asarray(array)).to(param.device, param.dtype)))
+    return pairs

@@ -279,6 +279,9 @@ def round_config(fed: FederationSpec, server_round: int) -> dict[str, Any]:
         config["keep-optimizer-state"] = True
     if tau := fed.local.logit_adjustment_for(fed.model.task):
         config["logit-adjustment"] = tau
+    if fed.local.scaffold:
+        config["scaffold"] = True
+        config["server-step"] = fed.strategy.server_step() if fed.strategy.name == "fedavgm" else 1.0
     if fed.strategy.name == "fedprox":  # also on the SecAgg+ path, where no FedProx strategy sends it
         config["proximal-mu"] = fed.strategy.proximal_mu
     if fed.privacy.dp is not None and fed.privacy.dp.side == "client":

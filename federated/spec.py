@@ -69,6 +69,11 @@ class LocalTraining(Section):
     #: otherwise (the one causal-LM run measured, 5 short rounds, ended at perplexity 325.5 kept
     #: against 303.6 fresh): bench/RESULTS.md.
     optimizer_state: Literal["reset", "keep"] | None = None
+    #: SCAFFOLD's drift correction: every local step is corrected by the federation's update
+    #: direction minus the site's own, both derived at the site from the global adapters it
+    #: received (no extra bytes; federated/control_variates.py). Needs every site in every round and
+    #: a weighted-mean server step: fedavg, fedprox, or fedavgm with server_momentum 0.
+    scaffold: bool = False
 
     def logit_adjustment_for(self, task: str) -> float:
         """The tau every site trains with for ``task``: the spec's, else 1 for classification."""
@@ -324,6 +329,7 @@ def federation_problems(spec: FederationSpec) -> list[tuple[str, str]]:
                 "or lora_product (it needs every site's A and B)",
             )
         )
+    problems += _scaffold_problems(spec)
     problems += _weighting_problems(spec)
     problems += _dp_problems(spec)
     problems += tracking_problems(spec.tracking)
@@ -373,6 +379,29 @@ def load_site(path: Path, overrides: list[str] | None = None) -> SiteSpec:
     if not site.insecure and not (site.ca_cert and site.private_key):
         raise SpecError(str(path), ["ca_cert and private_key are required unless insecure: true"])
     return site
+
+
+def _scaffold_problems(spec: FederationSpec) -> list[tuple[str, str]]:
+    """``local.scaffold`` derives the federation's update from consecutive global adapters: that
+    needs every site each round and a server step that is a scaled weighted mean."""
+    if not spec.local.scaffold:
+        return []
+    strategy = spec.strategy
+    mean_step = strategy.name in ("fedavg", "fedprox") or (
+        strategy.name == "fedavgm" and strategy.server_momentum == 0
+    )
+    problems = []
+    if not mean_step:
+        problems.append(
+            (
+                "local.scaffold",
+                "needs a weighted-mean server step: strategy.name fedavg, fedprox, or fedavgm with "
+                f"strategy.server_momentum 0 (got {strategy.name!r})",
+            )
+        )
+    if spec.sites_per_round is not None:
+        problems.append(("local.scaffold", "needs every site in every round: leave sites_per_round unset"))
+    return problems
 
 
 def _weighting_problems(spec: FederationSpec) -> list[tuple[str, str]]:

@@ -23,6 +23,8 @@ import yaml
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
 
+from federated.adapters import trainable_matches
+from federated.control_variates import DriftCorrection, round_variates
 from federated.optimizer_state import STATE_FILE, CarriedOptimizerState, latest_state
 from federated.spec import withheld
 from federated.strategy import Update, lora_pairs, lora_product_average
@@ -49,6 +51,8 @@ class RoundOrder:
     keep_local: list[str] = field(default_factory=list)
     logit_adjustment: float = 0.0
     keep_optimizer_state: bool = False
+    scaffold: bool = False
+    server_step: float = 1.0
     global_rank: int = 8
     global_alpha: float = 16.0
     labels: list[str] = field(default_factory=list)
@@ -67,6 +71,8 @@ class RoundOrder:
             keep_local=[str(pattern) for pattern in config.get("keep-local", [])],
             logit_adjustment=float(config.get("logit-adjustment", 0.0)),
             keep_optimizer_state=bool(config.get("keep-optimizer-state", False)),
+            scaffold=bool(config.get("scaffold", False)),
+            server_step=float(config.get("server-step", 1.0)),
             global_rank=int(config["lora-rank"]),
             global_alpha=float(config["lora-alpha"]),
             labels=[str(label) for label in config.get("labels", [])],
@@ -109,10 +115,12 @@ def train_local_round(
         {k: np.ascontiguousarray(v) for k, v in local_arrays.items()}, init_dir / "adapter_model.safetensors"
     )
 
+    drift = _drift_correction(work_dir, run_dir, order, local_arrays) if order.scaffold else None
+
     plan = build_plan(spec, run_dir)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False))
     (run_dir / "plan.json").write_text(plan.to_json(), encoding="utf-8")
-    _train(run_dir, plan.world_size, plan.backend, order, local_arrays, work_dir)
+    _train(run_dir, plan.world_size, plan.backend, order, local_arrays, work_dir, drift)
 
     summary = json.loads((run_dir / "summary.json").read_text())
     if spec.model.task == "sequence_classification" and summary.get("labels") != order.labels:
@@ -168,6 +176,12 @@ def _check_task(spec: JobSpec, order: RoundOrder) -> None:
         raise FlotillaError("the site's job spec must use peft.method: lora (only adapters are exchanged)")
     if spec.model.task == "sequence_classification" and not order.labels:
         raise FlotillaError("the federation did not send label names for a classification task")
+    if order.scaffold and (spec.peft.r, spec.peft.alpha) != (order.global_rank, order.global_alpha):
+        raise FlotillaError(
+            f"peft.r / peft.alpha: local.scaffold derives the federation's update from consecutive "
+            f"global adapters, which needs the federation's rank {order.global_rank} and alpha "
+            f"{order.global_alpha:g}; this site's job spec asks for {spec.peft.r} and {spec.peft.alpha:g}"
+        )
     if order.frozen_lora_a and spec.peft.r != order.global_rank:
         raise FlotillaError(
             f"peft.r: the federation trains FFA-LoRA (A shared and frozen) at rank {order.global_rank}; "
@@ -209,28 +223,32 @@ class ProximalTerm:
 
     def __init__(self, mu: float, anchor: Mapping[str, np.ndarray]) -> None:
         self.mu = mu
-        self.anchor = {k.removesuffix(".weight"): torch.from_numpy(np.asarray(v)) for k, v in anchor.items()}
+        self.anchor = dict(anchor)
         self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         if self.pairs is None:
-            self.pairs = self._pair(model)
+            self.pairs = trainable_matches(model, self.anchor)
             if not self.pairs:
                 raise FlotillaError("FedProx: no trainable adapter weight matches the global adapter")
         return 0.5 * self.mu * sum(((param - anchor) ** 2).sum() for param, anchor in self.pairs)
 
-    def _pair(self, model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        pairs = []
-        for name, param in model.named_parameters():
-            key = name.replace(".default.", ".").replace(".modules_to_save.", ".").removesuffix(".weight")
-            anchor = self.anchor.get(key) if param.requires_grad else None
-            if anchor is not None and anchor.shape == param.shape:
-                pairs.append((param, anchor.to(param.device, param.dtype)))
-        return pairs
+
+def _drift_correction(work_dir: Path, run_dir: Path, order: RoundOrder, arrays: Arrays) -> DriftCorrection:
+    """SCAFFOLD's correction for this round, over the tensors the federation shares."""
+    shared = {key: value for key, value in arrays.items() if not order.withheld(key)}
+    federation, site = round_variates(work_dir, order.server_round, shared, order.server_step)
+    return DriftCorrection(federation, site, run_dir)
 
 
 def _train(
-    run_dir: Path, world_size: int, backend: str, order: RoundOrder, anchor: Arrays, work_dir: Path
+    run_dir: Path,
+    world_size: int,
+    backend: str,
+    order: RoundOrder,
+    anchor: Arrays,
+    work_dir: Path,
+    drift: DriftCorrection | None,
 ) -> None:
     """The train core in this process, or through the backend when the site uses several processes."""
     console = Console(stderr=True)
@@ -241,12 +259,15 @@ def _train(
             if order.keep_optimizer_state
             else []
         )
-        outcome = run_training(run_dir, console, extra_callbacks=carried, loss_terms=terms)
+        corrected = [drift] if drift is not None else []
+        outcome = run_training(run_dir, console, extra_callbacks=[*carried, *corrected], loss_terms=terms)
         if outcome.interrupted:
             raise BackendError(f"local training in {run_dir} was interrupted")
         return
     if order.proximal_mu > 0:
         raise FlotillaError("FedProx needs a single-process site (the proximal term runs in-process)")
+    if drift is not None:
+        raise FlotillaError("local.scaffold needs a single-process site (the correction runs in-process)")
     if order.keep_optimizer_state:
         console.print(
             f"local.optimizer_state=keep: this site trains in {world_size} processes, where the "
