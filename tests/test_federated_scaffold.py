@@ -54,34 +54,31 @@ def test_the_derived_variates_are_scaffolds_and_correct_every_step(
     site: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     job, x0 = site
-    sites = {"a": tmp_path / "a", "b": tmp_path / "b"}
-    seeds = {"a": 1, "b": 2}  # different batches, so the sites drift apart
-    first = {
-        name: train_local_round(job, work, order(1, True, seeds[name]), x0) for name, work in sites.items()
-    }
+    work = tmp_path / "a"
+    first = train_local_round(job, work, order(1, True, seed=1), x0)
     lr_sum = STEPS * LR
-    for result in first.values():
-        variates = load_file(str(result.run_dir / VARIATES_FILE))
-        assert not any(np.any(v) for v in variates.values())  # round 1: c = c_i = 0
-        steps = json.loads((result.run_dir / STEPS_FILE).read_text())
-        assert steps["lr_sum"] == pytest.approx(lr_sum)
-    # the server's step (FedAvgM without momentum), equal weights
-    drift = {name: {k: x0[k] - first[name].arrays[k] for k in x0} for name in sites}
-    mean_drift = {k: 0.5 * (drift["a"][k] + drift["b"][k]) for k in x0}
+    variates = load_file(str(first.run_dir / VARIATES_FILE))
+    assert not any(np.any(v) for v in variates.values())  # round 1: c = c_i = 0
+    assert json.loads((first.run_dir / STEPS_FILE).read_text())["lr_sum"] == pytest.approx(lr_sum)
+    # the server's step (FedAvgM without momentum) over this site and another one, equal weights
+    generator = np.random.default_rng(0)
+    own = {k: x0[k] - first.arrays[k] for k in x0}
+    other = {k: generator.normal(0.0, float(np.abs(v).mean()) + 1e-6, v.shape) for k, v in own.items()}
+    mean_drift = {k: 0.5 * (own[k] + other[k]) for k in x0}
     x1 = {k: (x0[k] - SERVER_STEP * mean_drift[k]).astype(np.float32) for k in x0}
 
-    corrected = train_local_round(job, sites["a"], order(2, True, seeds["a"]), x1)
+    corrected = train_local_round(job, work, order(2, True, seed=1), x1)
     variates = load_file(str(corrected.run_dir / VARIATES_FILE))
-    moved = [k for k in x0 if np.any(mean_drift[k])]
+    moved = [k for k in x0 if np.any(own[k])]
     assert moved
     for key in moved:
         # SCAFFOLD's server: c = mean of (x - y_j) / S; the site: c_i = (x - y_a) / S (c_i, c were 0)
         scale = float(np.abs(mean_drift[key]).max()) / lr_sum
         np.testing.assert_allclose(variates["global." + key], mean_drift[key] / lr_sum, atol=1e-4 * scale)
-        np.testing.assert_allclose(variates["site." + key], drift["a"][key] / lr_sum, atol=1e-4 * scale)
+        np.testing.assert_allclose(variates["site." + key], own[key] / lr_sum, atol=1e-4 * scale)
 
     # the same round without the correction: the difference is the correction's direction
-    plain = train_local_round(job, tmp_path / "plain", order(2, False, seeds["a"]), x1)
+    plain = train_local_round(job, tmp_path / "plain", order(2, False, seed=1), x1)
     shift = np.concatenate([(corrected.arrays[k] - plain.arrays[k]).ravel() for k in moved])
     wanted = -np.concatenate([(variates["global." + k] - variates["site." + k]).ravel() for k in moved])
     assert np.any(shift), "the correction changed nothing"
