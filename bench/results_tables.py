@@ -91,14 +91,15 @@ def goal_rows(results: dict[str, Any]) -> list[str]:
         peers = [peer for peer in PEERS if peer in measure["sides"]]
         strongest = max(peers, key=lambda peer: statistics.median(values(measure, peer, "tokens_per_second")))
         over_peer = ratios(measure, FAST, strongest)
-        over_padding = ratios(measure, FAST, "hf_padding")
         if batch == GOAL_BATCH:  # the speed goals are set at batch 16; other batches are in the tables
             add(
-                f"batch {batch}: (e) ≥ 1.5× the strongest peer ({strongest})",
+                f"batch {batch}: (e) ≥ 1.5× the strongest peer of this run ({strongest})",
                 over_peer,
                 statistics.median(over_peer) >= 1.5,
             )
-            add(f"batch {batch}: (e) ≥ 2.5× (a)", over_padding, statistics.median(over_padding) >= 2.5)
+            if "hf_padding" in measure["sides"]:
+                over_padding = ratios(measure, FAST, "hf_padding")
+                add(f"batch {batch}: (e) ≥ 2.5× (a)", over_padding, statistics.median(over_padding) >= 2.5)
         efficiency = values(measure, FAST, "efficiency")
         add(
             f"batch {batch}: (e) LoRA efficiency ≥ 50%",
