@@ -37,6 +37,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from federated.adapters import trainable_matches
+from launcher.atomic import write_json_atomic
 from launcher.errors import FlotillaError
 
 #: Files a round's run dir keeps for the site's next round (never sent).
@@ -90,7 +91,9 @@ class DriftCorrection(TrainerCallback):
     """After each optimizer step, moves every shared adapter weight by ``-lr * (c - c_i)`` and adds
     ``lr`` to the round's ``S``; at the end writes ``c``, ``c_i`` and ``S`` to ``run_dir``."""
 
-    def __init__(self, federation: Mapping[str, np.ndarray], site: Mapping[str, np.ndarray], run_dir: Path):
+    def __init__(
+        self, federation: Mapping[str, np.ndarray], site: Mapping[str, np.ndarray], run_dir: Path
+    ) -> None:
         self.federation = dict(federation)
         self.site = dict(site)
         self.run_dir = run_dir
@@ -118,4 +121,4 @@ class DriftCorrection(TrainerCallback):
         partial = self.run_dir / f".{VARIATES_FILE}.partial"
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(partial))
         partial.replace(self.run_dir / VARIATES_FILE)
-        (self.run_dir / STEPS_FILE).write_text(json.dumps({"lr_sum": self.lr_sum}), encoding="utf-8")
+        write_json_atomic(self.run_dir / STEPS_FILE, {"lr_sum": self.lr_sum})
