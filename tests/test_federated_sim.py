@@ -193,19 +193,18 @@ def test_the_report_command_prints_the_round_tables(
 
 
 def test_a_stop_signal_ends_the_simulation_with_its_ray_and_leaves_no_process(tmp_path: Path) -> None:
-    """SIGTERM to `flotilla fed simulate` mid-round: exit 85 (the federation resumes after its last
-    committed round), Ray's daemons and actors stopped, no process of the simulation left."""
+    """SIGTERM to `flotilla fed simulate` mid-round: exit 85, Ray's daemons and actors stopped, no
+    process of the simulation left; the same command then resumes the round and finishes (exit 0)."""
     log = tmp_path / "simulate.log"
-    process = start_flotilla(
+    command = (
         "fed",
         "simulate",
         str(REPO / "configs" / "federated.yaml"),
-        "rounds=3",
+        "rounds=1",
         "local.steps=2",
         f"output={tmp_path}",
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
     )
+    process = start_flotilla(*command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     sites = tmp_path / "fed-sentiment" / "sites"
     wait_for(lambda: list(sites.glob("*/round-001/plan.json")), 300, "a site's first round")
     job = process_tree(process.pid)
@@ -215,6 +214,12 @@ def test_a_stop_signal_ends_the_simulation_with_its_ray_and_leaves_no_process(tm
     assert "flotilla fed simulate" in " ".join(log.read_text().split())  # how to resume
     left = processes_left(job)
     assert left == [], f"processes of the simulation left running: {left}"
+
+    resumed = tmp_path / "resumed.log"
+    process = start_flotilla(*command, stdout=resumed.open("w"), stderr=subprocess.STDOUT)
+    assert process.wait(timeout=300) == 0, resumed.read_text()[-3000:]
+    assert RoundStore(tmp_path / "fed-sentiment").last_completed() == 1
+    assert "simulation finished" in resumed.read_text()
 
 
 def test_client_sampling_trains_the_asked_number_of_sites_each_round(tmp_path: Path) -> None:

@@ -20,8 +20,9 @@ from federated.rounds import RoundStore
 from federated.sites import forget_enrollment, revoke_site, revoked_sites, site_names
 from federated.spec import FederationSpec, load_federation, load_site
 from launcher.backends import free_port
-from launcher.errors import BackendError, FlotillaError
+from launcher.errors import REQUEUE_EXIT_CODE, BackendError, FlotillaError
 from launcher.plan import load_job
+from launcher.processes import run_process_group
 
 console = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -110,22 +111,35 @@ def _load(args: argparse.Namespace) -> tuple[FederationSpec, Path]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run (or resume) a federation with the simulation engine and print its tables."""
-    from federated.ops.simulation import simulate  # flwr, Ray: only when it runs
+    """Run (or resume) a federation with the simulation engine and print its tables.
 
-    fed, work_dir = _load(args)
+    The simulation runs in a driver process of its own, waited for with everything it starts
+    (:func:`run_process_group`): a stop signal reaches it (SIGUSR1, which its Ray processes ignore),
+    it kills its Ray processes, and this process exits 85 once none is left.
+    """
+    _, work_dir = _load(args)
     _say_resume(RoundStore(work_dir))
     started = time.time()
-
-    def say_stopped(signum: int) -> None:
+    driver = [sys.executable, "-m", "federated.ops.simulation", args.spec, *args.overrides]
+    driver += [
+        "--work-dir",
+        str(work_dir),
+        "--cpus",
+        str(args.cpus),
+        "--cpus-per-site",
+        str(args.cpus_per_site),
+    ]
+    code = run_process_group(driver)
+    if code == REQUEUE_EXIT_CODE:
         done = RoundStore(work_dir).last_completed() or 0
         kept = f"rounds 1-{done} are kept; " if done else ""
         console.print(
-            f"stopped by signal {signum}: Ray is stopped; {kept}the federation resumes after round "
-            f"{done} with: flotilla fed simulate {args.spec}"
+            f"stopped: Ray is stopped; {kept}the federation resumes after round {done} with: "
+            f"flotilla fed simulate {args.spec}"
         )
-
-    simulate(fed, work_dir, num_cpus=args.cpus, cpus_per_site=args.cpus_per_site, on_stop=say_stopped)
+        return code
+    if code:
+        return code  # the driver said why
     _print_tables(work_dir)
     out.print(f"simulation finished in {time.time() - started:.0f} s; work dir: {work_dir}")
     return 0

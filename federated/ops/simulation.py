@@ -3,10 +3,16 @@
 The ServerApp runs in this process; each site is a virtual SuperNode whose ClientApp runs in a Ray
 actor and calls the train core on the site's own job spec. Outputs go to the same work directory a
 deployed server writes (``<output>/<name>/``), with the sites' round run dirs under ``sites/<name>/``.
+
+``flotilla fed simulate`` runs :func:`main` in a process of its own (``python -m
+federated.ops.simulation``) and waits for it and everything it started: Ray can end its driver with
+exit code 1 on a stop (a Flower thread touching the core worker after the raylet died or after
+``ray.shutdown()``), so only the CLI, which holds no Ray state, decides the exit code (85 on a stop).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -15,9 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+
 from federated.client_app import Site, build_client_app
 from federated.server_app import build_server_app
-from federated.spec import FederationSpec
+from federated.spec import FederationSpec, load_federation
 from launcher.backends import pin_loopback
 from launcher.errors import REQUEUE_EXIT_CODE, FlotillaError
 from launcher.processes import StopRequests, process_tree, stop_processes
@@ -41,13 +50,12 @@ def simulate(
     num_cpus: int = 2,
     cpus_per_site: int = 1,
     extra_mods: Sequence[Callable[..., Any]] = (),
-    on_stop: Callable[[int], None] = lambda signum: None,
 ) -> None:
     """Run (or resume) the federation with one virtual SuperNode per site; blocks until done.
 
-    A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) ends this process: Ray's processes are killed,
-    ``on_stop(signum)`` says how to resume, and the exit code is 85. Rounds already committed are on
-    disk; the round in flight is redone on resume.
+    A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) ends this process: Ray's processes are killed
+    and the exit code is 85. Rounds already committed are on disk; the round in flight is redone on
+    resume.
     """
     from flwr.simulation import run_simulation
 
@@ -59,7 +67,6 @@ def simulate(
 
     def stop_now(signum: int) -> None:
         _end_ray_processes(ray_dir)
-        on_stop(signum)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(REQUEUE_EXIT_CODE)
@@ -110,3 +117,26 @@ def _stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m federated.ops.simulation SPEC [OVERRIDES] --work-dir DIR``: the simulation's driver
+    process, started by ``flotilla fed simulate`` (which loaded and checked the spec already)."""
+    parser = argparse.ArgumentParser(prog="python -m federated.ops.simulation")
+    parser.add_argument("spec")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--cpus-per-site", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        fed = load_federation(Path(args.spec), args.overrides)
+        simulate(fed, Path(args.work_dir), num_cpus=args.cpus, cpus_per_site=args.cpus_per_site)
+    except FlotillaError as exc:
+        Console(stderr=True, highlight=False).print("[red]error:[/]", escape(str(exc)))
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
