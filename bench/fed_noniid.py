@@ -162,24 +162,6 @@ VARIANTS: dict[str, list[str]] = {
         "local.logit_adjustment=1.0",
         "local.optimizer_state=keep",
     ],
-    "fedavg-server-lr-3+cosine+logit-adjust+keep-optimizer+scaffold": [
-        "strategy.name=fedavgm",
-        "strategy.server_momentum=0.0",
-        "strategy.server_learning_rate=3.0",
-        "local.lr_schedule=cosine",
-        "local.logit_adjustment=1.0",
-        "local.optimizer_state=keep",
-        "local.scaffold=true",
-    ],
-    "fedavg-server-lr-3+cosine+logit-adjust+scaffold": [
-        "strategy.name=fedavgm",
-        "strategy.server_momentum=0.0",
-        "strategy.server_learning_rate=3.0",
-        "local.lr_schedule=cosine",
-        "local.logit_adjustment=1.0",
-        "local.optimizer_state=reset",
-        "local.scaffold=true",
-    ],
     "fedavg+keep-optimizer": [
         "strategy.name=fedavg",
         "local.logit_adjustment=0",
@@ -208,6 +190,11 @@ VARIANTS: dict[str, list[str]] = {
         "local.optimizer_state=reset",
     ],
 }
+#: SCAFFOLD's drift correction on top of the best configuration measured.
+VARIANTS["fedavg-server-lr-3+cosine+logit-adjust+keep-optimizer+scaffold"] = [
+    *VARIANTS["fedavg-server-lr-3+cosine+logit-adjust+keep-optimizer"],
+    "local.scaffold=true",
+]
 #: Variants whose sites keep tensors of their own: the global model is not what a site uses, its own is.
 PERSONALISED = ("fedsa-lora", "per-site-head")
 #: Baseline -> train overrides of each site alone.

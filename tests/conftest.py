@@ -163,6 +163,37 @@ def tiny_classifier_job(output_dir: Path, max_steps: int, **sections: Any) -> di
     return spec
 
 
+#: The smallest valid federation spec (3 sites, tiny model), for tests of the spec rules.
+UNIT_FEDERATION: dict[str, Any] = {
+    "name": "unit",
+    "model": {"path": "tiny"},
+    "peft": {"method": "lora", "r": 4, "alpha": 8},
+    "rounds": 2,
+    "min_sites": 3,
+    "sites": {"a": "a.yaml", "b": "b.yaml", "c": "c.yaml"},
+}
+
+
+@pytest.fixture
+def constant_rate_site(tiny_llama: Path, tmp_path: Path, write_spec: Callable[..., Path]) -> tuple[Path, Any]:
+    """A federated site's job spec (tiny model, rate 2e-3 constant, no warm-up, LoRA r 4) and the
+    initial global adapter's arrays."""
+    from federated.adapters import GlobalModel
+    from launcher.spec import ModelSpec, PeftSpec
+
+    job = write_spec(
+        tiny_job(
+            tiny_llama,
+            tmp_path,
+            train={"learning_rate": 2e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
+            eval={"at_start": False},
+        ),
+        "site.yaml",
+    )
+    peft = PeftSpec(method="lora", r=4, alpha=8, dropout=0.0)
+    return job, GlobalModel.build(ModelSpec(path=str(tiny_llama)), peft, None, seed=0).arrays()
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Any]:
     """A Ray head with the dashboard (Jobs and state APIs) on 127.0.0.1, stopped by PID after the module."""

@@ -4,36 +4,21 @@ the site and change what the next round trains (real train core, tiny model)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from federated.adapters import GlobalModel
 from federated.optimizer_state import STATE_FILE
 from federated.task import RoundOrder, train_local_round
 from launcher.errors import FlotillaError
-from launcher.spec import ModelSpec, PeftSpec
-from tests.conftest import tiny_job
 
 STEPS = 6
 
 
 @pytest.fixture
-def site(tiny_llama: Path, tmp_path: Path, write_spec: Any) -> tuple[Path, dict[str, np.ndarray]]:
-    """A site's job spec (constant rate, no warm-up) and the initial global adapter."""
-    job = write_spec(
-        tiny_job(
-            tiny_llama,
-            tmp_path,
-            train={"learning_rate": 2e-3, "warmup_ratio": 0.0, "scheduler": "constant"},
-            eval={"at_start": False},
-        ),
-        "site.yaml",
-    )
-    peft = PeftSpec(method="lora", r=4, alpha=8, dropout=0.0)
-    return job, GlobalModel.build(ModelSpec(path=str(tiny_llama)), peft, None, seed=0).arrays()
+def site(constant_rate_site: tuple[Path, dict[str, np.ndarray]]) -> tuple[Path, dict[str, np.ndarray]]:
+    return constant_rate_site
 
 
 def order(server_round: int, keep: bool, lr_scale: float = 1.0) -> RoundOrder:

@@ -11,31 +11,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from federated.adapters import GlobalModel
 from federated.control_variates import STEPS_FILE, VARIATES_FILE, round_variates
 from federated.spec import load_federation
 from federated.task import RoundOrder, train_local_round
 from launcher.errors import FlotillaError
-from launcher.spec import ModelSpec, PeftSpec
-from tests.conftest import tiny_job
+from tests.conftest import UNIT_FEDERATION
 
-STEPS, LR, SERVER_STEP = 4, 2e-3, 2.0
+STEPS, LR, SERVER_STEP = 4, 2e-3, 2.0  # LR: constant_rate_site's rate
 
 
 @pytest.fixture
-def site(tiny_llama: Path, tmp_path: Path, write_spec: Any) -> tuple[Path, dict[str, np.ndarray]]:
-    """A site's job spec (constant rate, no warm-up) and the initial global adapter."""
-    job = write_spec(
-        tiny_job(
-            tiny_llama,
-            tmp_path,
-            train={"learning_rate": LR, "warmup_ratio": 0.0, "scheduler": "constant"},
-            eval={"at_start": False},
-        ),
-        "site.yaml",
-    )
-    peft = PeftSpec(method="lora", r=4, alpha=8, dropout=0.0)
-    return job, GlobalModel.build(ModelSpec(path=str(tiny_llama)), peft, None, seed=0).arrays()
+def site(constant_rate_site: tuple[Path, dict[str, np.ndarray]]) -> tuple[Path, dict[str, np.ndarray]]:
+    return constant_rate_site
 
 
 def order(server_round: int, scaffold: bool, seed: int, rank: int = 4) -> RoundOrder:
@@ -105,16 +92,7 @@ def test_a_site_at_another_rank_is_refused(site: tuple[Path, dict[str, np.ndarra
 def test_scaffold_needs_a_mean_step_and_every_site(
     write_spec: Any, changes: dict[str, Any], needle: str
 ) -> None:
-    spec = {
-        "name": "unit",
-        "model": {"path": "tiny"},
-        "peft": {"method": "lora", "r": 4, "alpha": 8},
-        "rounds": 2,
-        "min_sites": 3,
-        "sites": {"a": "a.yaml", "b": "b.yaml", "c": "c.yaml"},
-        "local": {"scaffold": True},
-        **changes,
-    }
+    spec = {**UNIT_FEDERATION, "local": {"scaffold": True}, **changes}
     with pytest.raises(FlotillaError, match=rf"local\.scaffold: .*{needle}"):
         load_federation(write_spec(spec, "fed.yaml"))
     accepted = {**spec, "strategy": {"name": "fedavgm", "server_momentum": 0.0}}

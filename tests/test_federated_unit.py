@@ -40,17 +40,10 @@ from federated.strategy.strategies import (
 )
 from federated.task import RoundOrder, fit_rank
 from launcher.errors import FlotillaError, SpecError
-from tests.conftest import REPO
+from tests.conftest import REPO, UNIT_FEDERATION
 
 pytestmark = pytest.mark.usefixtures("task_identity")
-BASE = {
-    "name": "unit",
-    "model": {"path": "tiny"},
-    "peft": {"method": "lora", "r": 4, "alpha": 8},
-    "rounds": 2,
-    "min_sites": 3,
-    "sites": {"a": "a.yaml", "b": "b.yaml", "c": "c.yaml"},
-}
+BASE = UNIT_FEDERATION
 
 
 def fed_spec(write_spec: Any, **changes: Any) -> Any:

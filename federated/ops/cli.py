@@ -114,8 +114,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run (or resume) a federation with the simulation engine and print its tables.
 
     The simulation runs in a driver process of its own, waited for with everything it starts
-    (:func:`run_process_group`): a stop signal reaches it (SIGUSR1, which its Ray processes ignore),
-    it kills its Ray processes, and this process exits 85 once none is left.
+    (:func:`run_process_group`): a stop signal reaches the job's processes as SIGUSR1, the driver
+    kills its Ray processes, and this process exits 85 once none is left, whatever the driver's code.
     """
     _, work_dir = _load(args)
     _say_resume(RoundStore(work_dir))
