@@ -410,6 +410,70 @@ def test_product_average_near_degenerate_spectrum_is_dense_svd_optimum(
     assert solved[0] is not None
 
 
+def _integers_summing_to(generator: np.random.Generator, total: np.ndarray, count: int) -> list[np.ndarray]:
+    """``count`` random integer matrices that sum to the integer matrix ``total`` (exact in float32)."""
+    parts = [generator.integers(-3, 4, size=total.shape).astype(np.float64) for _ in range(count - 1)]
+    return [*parts, total - sum(parts)]
+
+
+def _exact_sites(sides: list[tuple[np.ndarray, np.ndarray]]) -> list[Update]:
+    """One equally weighted site per ``(B, A)``, as float32 (every value here is exact in it)."""
+    return [
+        Update(f"s{i}", {_a(0): a.astype(np.float32), _b(0): b.astype(np.float32)}, 1)
+        for i, (b, a) in enumerate(sides)
+    ]
+
+
+def _assert_dense_svd_optimum(updates: list[Update], rank: int) -> None:
+    """The LoRA-product average's B A is the dense SVD's best rank-``rank`` product."""
+    target = mean_product(updates, _a(0), _b(0))
+    out = lora_product_average(updates, rank=rank)
+    optimum, optimal_error = _best_rank_k(target, rank)
+    got = out[_b(0)].astype(np.float64) @ out[_a(0)].astype(np.float64)
+    assert np.linalg.norm(got - optimum) <= 1e-6 * np.linalg.norm(optimum)
+    assert np.linalg.norm(target - got) == pytest.approx(optimal_error, rel=1e-6)
+
+
+def test_product_average_with_singular_values_repeated_exactly_is_dense_svd_optimum(
+    solved: list[object],
+) -> None:
+    """ΔW = 0.3 (4 times) and 0.0125 (4 times): a Krylov space from one start vector holds one
+    direction per distinct singular value, so it turns invariant after 2 steps, where every
+    residual is zero but only one 0.3 was found. The solver hands over to the exact SVD."""
+    generator = np.random.default_rng(7)
+    rank, out_dim, in_dim, half = 4, 64, 48, 5
+    a_top, a_rest = np.eye(in_dim)[:rank], np.eye(in_dim)[rank : 2 * rank]
+    b_top, b_rest = 3.0 * np.eye(out_dim)[:, :rank], np.eye(out_dim)[:, rank : 2 * rank]
+    # half the sites carry A_top, half -A_top + A_rest / 8, with Σ_first B_i = B_top + B_rest and
+    # Σ_second B_i = B_rest: ΔW = (B_top A_top + B_rest A_rest / 8) / 10
+    first = _integers_summing_to(generator, b_top + b_rest, half)
+    second = _integers_summing_to(generator, b_rest, half)
+    _assert_dense_svd_optimum(
+        _exact_sites([(b, a_top) for b in first] + [(b, -a_top + a_rest / 8) for b in second]), rank
+    )
+    assert solved == [None]
+
+
+def test_product_average_finds_top_directions_orthogonal_to_the_mean_a(solved: list[object]) -> None:
+    """The solver starts in the row space of the sites' mean A. Here ΔW's top directions (input
+    coordinates 0-3) are orthogonal to it, exactly: the two sites that carry them have A and -A
+    there, and every value is exact, so no rounding leaks into them. A start in the mean A's rows
+    alone converges to the top of the other 44 directions; its random share finds the top ones."""
+    rank, out_dim, in_dim = 4, 64, 48
+    eye_in, eye_out = np.eye(in_dim), np.eye(out_dim)
+    top = [
+        (eye_out[:, :rank] * [6.0, 5.0, 4.0, 3.0], eye_in[:rank]),
+        (np.zeros((out_dim, rank)), -eye_in[:rank]),
+    ]
+    rest_sigma = np.concatenate([[2.0, 1.875, 1.75, 1.625], (1 + np.arange(40) / 64) / 64])  # exact
+    rest = [
+        (eye_out[:, columns] * rest_sigma[columns.start - rank : columns.stop - rank], eye_in[columns])
+        for columns in (slice(start, start + rank) for start in range(rank, in_dim, rank))
+    ]
+    _assert_dense_svd_optimum(_exact_sites(top + rest), rank)
+    assert solved[0] is not None  # the iterative solver, not the exact fallback
+
+
 def test_product_average_falls_back_to_exact_svd_when_unconverged(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, solved: list[object]
 ) -> None:
