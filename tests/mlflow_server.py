@@ -56,7 +56,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))},
+            # No job runner: tracking needs none, and its queue lives in a /dev/shm folder that
+            # the server never removes (one per server started).
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
     )
     try:
         wait_for(lambda: _healthy(uri) or server.poll() is not None, 300, "mlflow server to start")

@@ -233,11 +233,15 @@ def test_clear_errors_before_anything_starts(
 
 
 def test_local_address_starts_a_private_ray_and_stops_it(
-    tiny_llama: Path, tmp_path: Path, write_spec
+    ray_head: Any, tiny_llama: Path, tmp_path: Path, write_spec
 ) -> None:
+    """With another Ray cluster on the machine (``ray_head``), the private head's processes look
+    up their own cluster, not "multiple active Ray instances" (Ray Train's placement-group cleaner
+    asks the state API with no address)."""
     spec = write_spec(ray_job(tiny_llama, tmp_path, "local", workers=1, train={"max_steps": 4}))
     result = cli("run", str(spec))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "multiple active Ray instances" not in result.stdout + result.stderr
     assert json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())["steps"] == 4
     line = next(line for line in result.stderr.splitlines() if line.startswith("Ray is up"))
     port = int(line.rsplit(":", 1)[1])

@@ -78,6 +78,10 @@ class RayHead:
             **os.environ,
             ONE_MACHINE_ENV: "0",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Inherited by every Ray process of this head: code in them that looks the cluster up
+            # (Ray Train's placement-group cleaner asks the state API with no address) finds this
+            # one, not "multiple active Ray instances" when another cluster runs on the machine.
+            "RAY_ADDRESS": f"127.0.0.1:{port}",
         }
         log = temp_dir / "head.log"
         with log.open("wb") as out:
