@@ -97,9 +97,9 @@ FULL = Sizes(
     fixed_length=128,
     fixed_steps=20,
     full_batch=4,
-    full_steps=10,
+    full_steps=20,
     memory_batch=4,
-    memory_steps=3,
+    memory_steps=21,  # 1 warm-up + 20 timed
 )
 QUICK = Sizes(
     repeats=1,
