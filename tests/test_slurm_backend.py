@@ -6,6 +6,7 @@ resume, all through the ``flotilla`` CLI.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import time
@@ -164,6 +165,64 @@ def test_dry_run_prints_the_sbatch_script(tiny_llama: Path, tmp_path: Path) -> N
     (line,) = [x for x in result.stdout.splitlines() if "deepspeed.launcher.runner" in x]
     task = shlex.split(line)[2]  # bash -c '<this>' &
     assert '--no_ssh --node_rank="$SLURM_NODEID" --master_addr="$MASTER_ADDR"' in task
+
+
+SLURM_STAND_INS = {
+    "srun": "exit 85",  # every task saved a checkpoint and asks for a requeue (REQUEUE_EXIT_CODE)
+    "scontrol": 'if [ "$1" = show ]; then echo node1; else {requeue}; fi',
+}
+
+
+@pytest.mark.parametrize(
+    ("requeue", "code", "last_event"),
+    [
+        # Slurm accepts the requeue and ends the job at once: TERM to every process of the job,
+        # scontrol included, which can die of it before it reports success (seen in a real run)
+        ("kill -TERM 0; sleep 30", 0, "requeued"),
+        ("echo 'scontrol: error: Job is not requeueable' >&2; exit 1", 1, "failed"),
+    ],
+    ids=["accepted-and-terminated", "refused"],
+)
+def test_the_batch_script_tells_an_accepted_requeue_from_a_refused_one(
+    tiny_llama: Path, tmp_path: Path, requeue: str, code: int, last_event: str
+) -> None:
+    """The rendered script's requeue branch, with srun and scontrol standing in for Slurm's, which
+    the real-cluster test above cannot make lose its race on demand."""
+    result = flotilla(
+        "submit", str(write(slurm_job(tiny_llama, tmp_path), tmp_path / "job.yaml")), "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [
+        shlex.split(line)[1].split("=", 1)[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("export RUN_DIR=")
+    ]
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in SLURM_STAND_INS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body.format(requeue=requeue) + "\n")
+        (bin_dir / name).chmod(0o755)
+    slurm_env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NNODES": "1",
+        "SLURM_CPUS_PER_TASK": "1",
+    }
+    env = {**os.environ, **slurm_env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    # a session of its own: the stand-in's TERM to its process group must not reach pytest
+    done = subprocess.run(
+        ["bash", "-s"],
+        input=result.stdout,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    recorded = [e["event"] for e in events(Path(run_dir))]
+    assert (done.returncode, recorded[-1]) == (code, last_event), (recorded, done.stdout, done.stderr)
+    assert recorded[:2] == ["started", "requeued"]
 
 
 def test_bad_slurm_section_is_a_clear_error(tiny_llama: Path, tmp_path: Path) -> None:
