@@ -403,7 +403,8 @@ def _top_triplets(
     basis lives in ``workspace``.
     """
     out_dim, in_dim = b_cat.shape[0], a_cat.shape[1]
-    cap = min(min(out_dim, in_dim), max(20 * rank, 160))
+    smallest = min(out_dim, in_dim)
+    cap = min(smallest, max(20 * rank, 160))
     left = workspace.take("left", (cap, out_dim))  # rows: orthonormal u_1..u_j
     right = workspace.take("right", (cap + 1, in_dim))  # rows: orthonormal v_1..v_j+1
     alpha, beta = np.zeros(cap), np.zeros(cap + 1)  # bidiagonal: diagonal, superdiagonal beta[1:]
@@ -422,7 +423,8 @@ def _top_triplets(
         v -= alpha[j] * right[j]
         norm_estimate = max(norm_estimate, alpha[j])
         beta[j + 1] = _orthonormalize(v, right, j + 1, norm_estimate)
-        if beta[j + 1] == 0.0 and j + 1 < cap:
+        # at step min(out, in) the basis spans the whole space: there a vanished direction is exact
+        if beta[j + 1] == 0.0 and j + 1 < smallest:
             return None
         norm_estimate = max(norm_estimate, beta[j + 1])
         steps = j + 1
