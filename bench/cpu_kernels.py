@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not args.child and len(args.variants) < 2:
+        parser.error("--variants: name at least two, the first is the reference of the ratio")
     shape = (args.rows, args.max_length, args.warmup, args.steps, args.batches)
     if args.child:
         print(json.dumps(timed_step_seconds(args.child, *shape)))
@@ -116,18 +118,18 @@ def main(argv: list[str] | None = None) -> int:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             runs.append({"repeat": repeat, **json.loads(done.stdout.strip().splitlines()[-1])})
             print(f"repeat {repeat} {variant}: {runs[-1]['seconds_per_step']:.2f} s/step", flush=True)
-    first, second = args.variants[0], args.variants[-1]
+    first, last = args.variants[0], args.variants[-1]
     speedups = [
         next(r for r in runs if r["repeat"] == k and r["variant"] == first)["seconds_per_step"]
-        / next(r for r in runs if r["repeat"] == k and r["variant"] == second)["seconds_per_step"]
+        / next(r for r in runs if r["repeat"] == k and r["variant"] == last)["seconds_per_step"]
         for k in range(args.repeats)
     ]
-    print(f"{first} ÷ {second} step time: {', '.join(f'{s:.3f}' for s in speedups)}")
+    print(f"{first} ÷ {last} step time: {', '.join(f'{s:.3f}' for s in speedups)}")
     if args.json:
         result = {
             "command": " ".join(["python", "bench/cpu_kernels.py", *(argv or sys.argv[1:])]),
             "runs": runs,
-            "speedup_of": f"{first} ÷ {second} seconds per step",
+            "speedup_of": f"{first} ÷ {last} seconds per step",
         }
         args.json.write_text(json.dumps({**result, "speedups": speedups}, indent=1) + "\n")
     return 0
